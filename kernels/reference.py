@@ -69,14 +69,24 @@ def _softmax_stats(z, targets):
 
 def _softmax_grad(z, targets, lse, entropy, g_logp, g_entropy):
     """∂loss/∂z [R, V] fp32, written over z [R, V], from per-row lse, entropy and upstream grads
-    (all [R])."""
+    (all [R]); g_entropy None when the entropy took no part in the loss (the common case: it is a
+    metric), which skips that term's three passes over [R, V]."""
     log_p = z.sub_(lse[:, None])
     p = log_p.exp()
-    # z − E[z] = log p + entropy; zeroed where p = 0 (z = -inf) to keep 0·(-inf) = nan out.
-    centred = log_p.add_(entropy[:, None]).nan_to_num_(neginf=0.0)
-    dz = centred.mul_(g_entropy[:, None]).add_(g_logp[:, None]).mul_(p).neg_()
+    if g_entropy is None:
+        dz = p.mul_(-g_logp[:, None])
+    else:
+        # z − E[z] = log p + entropy; zeroed where p = 0 (z = -inf) to keep 0·(-inf) = nan out.
+        centred = log_p.add_(entropy[:, None]).nan_to_num_(neginf=0.0)
+        dz = centred.mul_(g_entropy[:, None]).add_(g_logp[:, None]).mul_(p).neg_()
     dz[torch.arange(len(targets), device=z.device), targets] += g_logp
     return dz
+
+
+def _upstream(ctx, g_logp, g_entropy):
+    """Upstream grads with unused outputs as None (set_materialize_grads(False)); logp's as zeros."""
+    lse = ctx.saved_tensors[-2]
+    return (torch.zeros_like(lse) if g_logp is None else g_logp), g_entropy
 
 
 class _LogprobsFromLogits(torch.autograd.Function):
@@ -93,15 +103,18 @@ class _LogprobsFromLogits(torch.autograd.Function):
             logp[rows], lse[rows], entropy[rows] = _softmax_stats(z, targets[rows])
         ctx.save_for_backward(logits, targets, valid, lse, entropy)
         ctx.temperature = temperature
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        g_logp, g_entropy = _upstream(ctx, g_logp, g_entropy)
         logits, targets, valid, lse, entropy = ctx.saved_tensors
         dlogits = torch.zeros_like(logits)
         for rows in _row_chunks(valid, logits.shape[1]):
             z = logits[rows].float().div_(ctx.temperature)
-            dz = _softmax_grad(z, targets[rows], lse[rows], entropy[rows], g_logp[rows], g_entropy[rows])
+            dz = _softmax_grad(z, targets[rows], lse[rows], entropy[rows], g_logp[rows],
+                               None if g_entropy is None else g_entropy[rows])
             dlogits[rows] = dz.div_(ctx.temperature).to(logits.dtype)
         return dlogits, None, None, None
 
@@ -124,10 +137,12 @@ class _LogprobsFromHidden(torch.autograd.Function):
             logp[rows], lse[rows], entropy[rows] = _softmax_stats(z, targets[rows])
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
         ctx.temperature = temperature
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        g_logp, g_entropy = _upstream(ctx, g_logp, g_entropy)
         hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
         weight32 = weight.float()
         bias32 = None if bias is None else bias.float()
@@ -137,7 +152,8 @@ class _LogprobsFromHidden(torch.autograd.Function):
         for rows in _row_chunks(valid, weight.shape[0]):
             x = hidden[rows].float()
             z = torch.nn.functional.linear(x, weight32, bias32).div_(ctx.temperature)
-            dz = _softmax_grad(z, targets[rows], lse[rows], entropy[rows], g_logp[rows], g_entropy[rows])
+            dz = _softmax_grad(z, targets[rows], lse[rows], entropy[rows], g_logp[rows],
+                               None if g_entropy is None else g_entropy[rows])
             dz /= ctx.temperature
             dhidden[rows] = (dz @ weight32).to(hidden.dtype)
             dweight32.addmm_(dz.t(), x)

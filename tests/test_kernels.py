@@ -180,6 +180,24 @@ def test_hidden_path_matches_fp64_oracle(backend, dtype, kl):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_when_only_logprobs_feed_the_loss(backend):
+    """The learner's usual case: entropy is a metric, so no gradient reaches it (None upstream)."""
+    n_rows, n_hidden, n_vocab, ignore_index = 19, 24, 257, -100
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(n_rows, n_hidden, generator=gen), 0.5 * torch.randn(n_vocab, n_hidden, generator=gen)
+    targets = make_targets(n_rows, n_vocab, ignore_index, gen)
+    a = torch.randn(n_rows, generator=gen, dtype=torch.float64)
+    params64 = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
+    logp64 = oracle(params64[0] @ params64[1].T, targets, 0.9, None, "k3", ignore_index)[0]
+    (logp64 * a).sum().backward()
+    params = [hidden.requires_grad_(), weight.requires_grad_()]
+    logp, entropy, _ = kernels.logprobs_from_hidden(hidden, weight, targets, temperature=0.9, backend=backend)
+    (logp * a.float()).sum().backward()
+    for name, param, param64 in zip(("dhidden", "dweight"), params, params64):
+        assert_grad_close(name, param.grad, param64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_many_rows(backend):
     """65,539 rows (past the 65,535 limit of CUDA's second and third grid axes); with V = 5 the
     logits kernel packs 512 rows per program, which keeps the interpreter to 129 programs."""

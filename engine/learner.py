@@ -1,0 +1,291 @@
+"""The DeepSpeed learner: one Ray actor per data-parallel rank.
+
+Each rank holds the policy under a DeepSpeed engine (ZeRO config from a DeepSpeed JSON; gloo on CPU,
+NCCL on GPU) and, when some KL is on, a frozen reference model. It computes the policy's per-token
+log-probs of the response tokens — hidden states of the language model, then the LM head through
+`kernels.logprobs_from_hidden`, so [tokens × vocabulary] logits never exist — and the loss and update.
+
+Loss normalisers are global: the driver passes the step's total sequence and token counts, every
+micro-batch on every rank weights its tokens by them, and the per-rank loss is multiplied by the
+world size because DeepSpeed averages gradients over ranks. The update therefore does not depend on
+how the step is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+IMAGE_TOKEN_TYPE = 1
+COPY_FROM_MODEL_DIR = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                       "preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json",
+                       "vocab.json", "merges.txt", "generation_config.json")
+
+
+@dataclass
+class Sequence:
+    """One response to train on, with everything the learner needs (token ids, no text)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    image: int = -1
+    """Index into the batch's `images` (-1: no image)."""
+    advantage: float = 0.0
+    rollout_logprobs: list[float] = field(default_factory=list)
+    old_logprobs: list[float] | None = None
+    ref_logprobs: list[float] | None = None
+
+
+@dataclass
+class Shard:
+    """A rank's part of one optimizer step."""
+
+    sequences: list[Sequence]
+    images: list[tuple[torch.Tensor, torch.Tensor]]
+    """(pixel_values, image_grid_thw) per prompt, shared by the prompt's sequences."""
+    num_micro_batches: int
+    """Micro-batches this rank must run (equal on all ranks: empty ones run with zero weight so every
+    rank joins the same number of gradient reductions)."""
+    num_seqs: int
+    """Sequences in the whole optimizer step (all ranks)."""
+    num_tokens: int
+    """Loss tokens in the whole optimizer step (all ranks)."""
+
+
+class Learner:
+    """A data-parallel learner rank. Construct as a Ray actor, then call `init` on all ranks at once."""
+
+    def __init__(self, model: dict[str, Any], learner: dict[str, Any], algorithm: dict[str, Any], temperature: float,
+                 max_response_len: int, use_reference: bool, seed: int):
+        self.model_cfg, self.cfg, self.algo = model, learner, algorithm
+        self.temperature = temperature
+        self.max_response_len = max_response_len
+        self.use_reference = use_reference
+        self.seed = seed
+        self.cuda = torch.cuda.is_available() and learner.get("num_gpus", 0) > 0
+
+    def address(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def init(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        if not self.cuda:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+            torch.set_num_threads(self.cfg["torch_threads"])
+        import deepspeed
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        self.rank, self.world_size = rank, world_size
+        dtype = getattr(torch, self.model_cfg["dtype"])
+        torch.manual_seed(self.seed)
+        policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_cfg["path"], dtype=dtype)
+        if self.cfg["gradient_checkpointing"]:
+            policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+        with open(self.cfg["deepspeed_config"]) as f:
+            ds_config = json.load(f)
+        ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+                         gradient_clipping=self.cfg["grad_clip"],
+                         # We call step() once per optimizer step after a variable number of backwards.
+                         managed_gradient_accumulation=False)
+        ds_config.pop("train_batch_size", None)
+        optimizer = None
+        if "optimizer" not in ds_config:
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg["lr"], betas=tuple(self.cfg["betas"]),
+                                          weight_decay=self.cfg["weight_decay"])
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
+        self.device = self.engine.device
+        self.ref = None
+        if self.use_reference:
+            self.ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_cfg["path"], dtype=dtype)
+            self.ref.to(self.device).eval().requires_grad_(False)
+        self.image_token_id = policy.config.image_token_id
+
+    # ---- forward ----
+
+    def _collate(self, seqs: list[Sequence], images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        full = [s.prompt_ids + s.response_ids for s in seqs]
+        length = max(len(x) for x in full)
+        ids = torch.zeros(len(full), length, dtype=torch.long)
+        mask = torch.zeros(len(full), length, dtype=torch.long)
+        for i, x in enumerate(full):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "mm_token_type_ids": (ids == self.image_token_id).int() * IMAGE_TOKEN_TYPE}
+        used = [images[s.image] for s in seqs if s.image >= 0]
+        if used:
+            batch["pixel_values"] = torch.cat([p for p, _ in used])
+            batch["image_grid_thw"] = torch.cat([g for _, g in used])
+        # Hidden state at position p predicts token p + 1: the response's tokens are predicted from
+        # positions len(prompt) − 1 … len(prompt) + len(response) − 2.
+        rows = torch.cat([torch.full((len(s.response_ids),), i) for i, s in enumerate(seqs)])
+        cols = torch.cat([torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.response_ids) - 1) for s in seqs])
+        batch["select"] = (rows, cols)
+        batch["targets"] = torch.tensor([t for s in seqs for t in s.response_ids], dtype=torch.long)
+        return batch
+
+    def _token_logprobs(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob, entropy) [N] of the response tokens under `model` (the temperature applied)."""
+        from kernels import logprobs_from_hidden
+
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("select", "targets")}
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        rows, cols = batch["select"]
+        selected = hidden[rows.to(self.device), cols.to(self.device)].contiguous()
+        logp, entropy, _ = logprobs_from_hidden(selected, model.lm_head.weight, batch["targets"].to(self.device),
+                                                temperature=self.temperature, backend=self.cfg["logprob_backend"])
+        return logp, entropy
+
+    def _micro_batches(self, shard: Shard) -> list[list[Sequence]]:
+        n = shard.num_micro_batches
+        size = -(-len(shard.sequences) // n) if shard.sequences else 0
+        return [shard.sequences[i * size:(i + 1) * size] for i in range(n)]
+
+    @torch.no_grad()
+    def compute_logprobs(self, shard: Shard, which: str) -> list[list[float]]:
+        """Per-sequence log-probs of the response tokens under the current policy ("old") or the
+        frozen reference ("ref"), for the KL-in-reward and multi-update paths."""
+        model = self.ref if which == "ref" else self.engine.module
+        was_training = model.training
+        model.eval()
+        out = []
+        for mb in self._micro_batches(shard):
+            if not mb:
+                continue
+            logp, _ = self._token_logprobs(model, self._collate(mb, shard.images))
+            out.extend(x.tolist() for x in logp.float().cpu().split([len(s.response_ids) for s in mb]))
+        model.train(was_training)
+        return out
+
+    # ---- updates ----
+
+    def _backward_micro(self, mb: list[Sequence], shard: Shard, loss_fn) -> dict[str, float]:
+        """Forward + backward of one micro-batch; `loss_fn(batch, logp, entropy, seqs)` returns the
+        per-token weighted loss [N] whose sum is this micro-batch's share of the step's loss."""
+        empty = not mb
+        seqs = mb or shard.sequences[:1]
+        batch = self._collate(seqs, shard.images)
+        logp, entropy = self._token_logprobs(self.engine.module, batch)
+        weighted, stats = loss_fn(batch, logp, entropy, seqs)
+        if empty:
+            weighted = weighted * 0.0  # joins the gradient reduction, contributes nothing
+            stats = {}
+        self.engine.backward(weighted.sum() * self.world_size, scale_wrt_gas=False)
+        return stats
+
+    def _rl_loss(self, shard: Shard):
+        from engine import algorithms as A
+
+        algo = self.algo
+
+        def loss_fn(batch, logp, entropy, seqs):
+            dev = logp.device
+            logp = logp.float()
+
+            def per_token(values):
+                return torch.tensor([x for s in seqs for x in values(s)], dtype=torch.float32, device=dev)
+
+            lengths = torch.tensor([len(s.response_ids) for s in seqs], device=dev)
+            seq_index = torch.repeat_interleave(torch.arange(len(seqs), device=dev), lengths)
+            adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32, device=dev)[seq_index]
+            rollout = per_token(lambda s: s.rollout_logprobs)
+            old = per_token(lambda s: s.old_logprobs) if seqs[0].old_logprobs is not None else logp.detach()
+            loss_t, clipped = A.ppo_clip_loss(logp, old, adv, algo["clip_low"], algo["clip_high"], algo["dual_clip"])
+            if algo["tis_cap"] is not None:
+                loss_t = loss_t * A.tis_weights(old, rollout, algo["tis_cap"])
+            stats = {"pg_loss": loss_t, "clipfrac": clipped.float(), "entropy": entropy.float(),
+                     "mismatch/abs_logprob_diff": (logp - rollout).abs(),
+                     "mismatch/kl": A.kl_estimate(rollout, logp, "k3")}
+            if seqs[0].ref_logprobs is not None:
+                kl = A.kl_estimate(logp, per_token(lambda s: s.ref_logprobs), algo["kl_estimator"])
+                stats["kl"] = kl
+                if algo["kl_loss_coef"] > 0:
+                    loss_t = loss_t + algo["kl_loss_coef"] * kl
+            if algo["entropy_coef"] > 0:
+                loss_t = loss_t - algo["entropy_coef"] * entropy.float()
+            w = A.token_weights(algo["loss_agg"], seq_index, lengths, shard.num_seqs, shard.num_tokens,
+                                self.max_response_len).to(dev, torch.float32)
+            # Statistics are token means over the whole step: summed over micro-batches and ranks.
+            sums = {k: float((v.detach() * (1.0 / shard.num_tokens)).sum()) for k, v in stats.items()}
+            sums["loss"] = float((loss_t.detach() * w).sum())
+            return loss_t * w, sums
+
+        return loss_fn
+
+    def _sft_loss(self, shard: Shard):
+        def loss_fn(batch, logp, entropy, seqs):
+            w = 1.0 / shard.num_tokens
+            return -logp * w, {"sft/nll": float(-(logp.detach().float() * w).sum())}
+        return loss_fn
+
+    def _optimizer_step(self, shard: Shard, loss_fn, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train()
+        stats: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for mb in self._micro_batches(shard):
+            for k, v in self._backward_micro(mb, shard, loss_fn).items():
+                stats[k] = stats.get(k, 0.0) + v
+        self.engine.step()
+        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0) / self.world_size
+        stats["learner/update_s"] = (time.perf_counter() - t0) / self.world_size
+        return stats
+
+    def update(self, shards: list[Shard]) -> dict[str, float]:
+        """One RL step: an optimizer step per shard (PPO mini-batch), repeated `epochs` times.
+        Returns this rank's weighted statistic sums (the driver adds the ranks)."""
+        total: dict[str, float] = {}
+        for _ in range(self.cfg["epochs"]):
+            for shard in shards:
+                for k, v in self._optimizer_step(shard, self._rl_loss(shard), self.cfg["lr"]).items():
+                    total[k] = total.get(k, 0.0) + v / (len(shards) * self.cfg["epochs"])
+        return total
+
+    def sft_update(self, shard: Shard, lr: float) -> dict[str, float]:
+        """One supervised step: mean negative log-likelihood of the response tokens."""
+        return self._optimizer_step(shard, self._sft_loss(shard), lr)
+
+    @torch.no_grad()
+    def reset_reference(self) -> None:
+        """The reference becomes a frozen copy of the current policy (after the SFT warm-up, so the KL
+        anchors RL to the model it starts from, as the seeds do)."""
+        if self.ref is not None:
+            self.ref.load_state_dict(self.engine.module.state_dict())
+
+    # ---- weights out ----
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's parameters in Hugging Face names, on CPU (the tied LM head is not repeated)."""
+        model = self.engine.module
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()
+                if not (tied and name == "lm_head.weight")}
+
+    def save(self, path: str) -> str:
+        """Writes a Hugging Face folder (weights, config, tokenizer, processor) loadable by
+        transformers and vLLM; rank 0 writes, the others return at once."""
+        if self.rank != 0:
+            return path
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.module.save_pretrained(tmp, safe_serialization=True)
+        for name in COPY_FROM_MODEL_DIR:
+            src = os.path.join(self.model_cfg["path"], name)
+            if os.path.exists(src) and not os.path.exists(os.path.join(tmp, name)):
+                shutil.copy(src, tmp)
+        # Replace atomically-ish: a crash mid-save never leaves a half-written checkpoint at `path`.
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,129 @@
+"""The data-parallel learner ranks seen from the driver: start them, split work across them, gather.
+
+A step's sequences are split across ranks balanced by token count; every rank runs the same number
+of micro-batches (gradient reductions must pair up), and each shard carries the step's global
+sequence and token counts so the loss normalisation is the same however the step is split.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from engine.config import Config
+from engine.learner import Learner, Sequence, Shard
+
+
+def split_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Indices of sequences per rank: each rank gets the same number of sequences (±1), assigned
+    longest-first to the rank with the fewest tokens among those with room (balanced compute)."""
+    if len(lengths) < world_size:
+        raise ValueError(f"{len(lengths)} sequences cannot feed {world_size} learner ranks")
+    capacity = [len(lengths) // world_size + (1 if r < len(lengths) % world_size else 0) for r in range(world_size)]
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    tokens = [0] * world_size
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min((r for r in range(world_size) if len(ranks[r]) < capacity[r]), key=lambda r: tokens[r])
+        ranks[r].append(i)
+        tokens[r] += lengths[i]
+    return [sorted(r) for r in ranks]
+
+
+def make_shards(sequences: list[Sequence], images: list[Any], world_size: int, micro_batch_size: int) -> list[Shard]:
+    """One optimizer step's sequences as a shard per rank (images re-indexed per shard)."""
+    split = split_across_ranks([len(s.prompt_ids) + len(s.response_ids) for s in sequences], world_size)
+    num_micro = max(1, max(-(-len(idx) // micro_batch_size) for idx in split))
+    num_tokens = sum(len(s.response_ids) for s in sequences)
+    shards = []
+    for idx in split:
+        used = sorted({sequences[i].image for i in idx if sequences[i].image >= 0})
+        remap = {old: new for new, old in enumerate(used)}
+        seqs = [Sequence(**{**vars(sequences[i]), "image": remap.get(sequences[i].image, -1)}) for i in idx]
+        shards.append(Shard(sequences=seqs, images=[images[i] for i in used], num_micro_batches=num_micro,
+                            num_seqs=len(sequences), num_tokens=num_tokens))
+    return shards
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config):
+        lc = cfg.learner
+        self.world_size = lc.num_ranks
+        self.micro_batch_size = lc.micro_batch_size
+        bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
+        self._pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
+        ray.get(self._pg.ready())
+        actor = ray.remote(Learner)
+        self.ranks = [
+            actor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
+                          runtime_env={"env_vars": {"OMP_NUM_THREADS": str(lc.torch_threads)}},
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r))
+            .remote(model=vars(cfg.model), learner=vars(lc), algorithm=vars(cfg.algorithm),
+                    temperature=cfg.rollout.temperature, max_response_len=cfg.rollout.max_new_tokens,
+                    use_reference=cfg.uses_reference, seed=cfg.trainer.seed)
+            for r in range(lc.num_ranks)
+        ]
+        master = ray.get(self.ranks[0].address.remote())
+        port = _free_port() if master in ("127.0.0.1", ray.util.get_node_ip_address()) else 29500
+        self._starting = [a.init.remote(r, self.world_size, master, port) for r, a in enumerate(self.ranks)]
+
+    def wait_ready(self) -> None:
+        ray.get(self._starting)
+
+    def _shards(self, sequences: list[Sequence], images: list[Any]) -> list[Shard]:
+        return make_shards(sequences, images, self.world_size, self.micro_batch_size)
+
+    def compute_logprobs(self, sequences: list[Sequence], images: list[Any], which: str) -> list[list[float]]:
+        """Per-sequence response log-probs under the current policy ("old") or the reference ("ref")."""
+        split = split_across_ranks([len(s.prompt_ids) + len(s.response_ids) for s in sequences], self.world_size)
+        shards = self._shards(sequences, images)
+        parts = ray.get([a.compute_logprobs.remote(s, which) for a, s in zip(self.ranks, shards)])
+        out: list[list[float]] = [[] for _ in sequences]
+        for idx, part in zip(split, parts):
+            for i, lp in zip(idx, part):
+                out[i] = lp
+        return out
+
+    def update(self, mini_batches: list[list[Sequence]], images: list[Any]) -> dict[str, float]:
+        """One RL step over the given PPO mini-batches; returns statistics summed over ranks."""
+        per_rank = [[] for _ in self.ranks]
+        for mb in mini_batches:
+            for r, shard in enumerate(self._shards(mb, images)):
+                per_rank[r].append(shard)
+        return _sum(ray.get([a.update.remote(s) for a, s in zip(self.ranks, per_rank)]))
+
+    def sft_update(self, sequences: list[Sequence], images: list[Any], lr: float) -> dict[str, float]:
+        shards = self._shards(sequences, images)
+        return _sum(ray.get([a.sft_update.remote(s, lr) for a, s in zip(self.ranks, shards)]))
+
+    def reset_reference(self) -> None:
+        ray.get([a.reset_reference.remote() for a in self.ranks])
+
+    def export_weights(self) -> Any:
+        """Object ref of rank 0's {name: tensor} weights (all ranks hold the same parameters)."""
+        return self.ranks[0].export_weights.remote()
+
+    def save(self, path: str) -> str:
+        return ray.get([a.save.remote(path) for a in self.ranks])[0]
+
+    def shutdown(self) -> None:
+        for a in self.ranks:
+            ray.kill(a)
+        remove_placement_group(self._pg)
+
+
+def _sum(parts: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + v
+    return out

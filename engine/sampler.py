@@ -1,0 +1,208 @@
+"""rollout → reward → filter, streamed.
+
+Prompt groups go to the rollout pool; each group is scored as soon as it completes and kept or
+dropped at once. With DAPO dynamic sampling a group whose filter metric (accuracy, never a
+length-shaped score) has zero variance is dropped, and new prompts are submitted as capacity frees
+up (streaming refill, no whole-batch regeneration); qualified groups beyond the step's need carry
+over to the next step. After `max_sampling_rounds × prompts_per_step` prompts the step trains on
+what qualified and warns — it never aborts silently and never trains on a zero-variance group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine import algorithms as A
+from engine.config import Config
+from engine.data import Prompt, PromptStream
+from engine.metrics import PhaseTimer
+from rewards import RewardInput, RewardRunner
+from rollout.worker import GroupRequest, GroupResult
+
+log = logging.getLogger("pathorl.sampler")
+
+
+@dataclass
+class ScoredGroup:
+    """A prompt's group of samples with its rewards."""
+
+    prompt: Prompt
+    result: GroupResult
+    texts: list[str]
+    scores: list[float | None]
+    """Reward per sample; None = excluded after a reward error."""
+    components: dict[str, list[float | None]]
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.result.samples)
+
+
+@dataclass
+class SamplingStats:
+    """Cumulative counters behind the `dapo/*` metrics."""
+
+    tokens_generated: int = 0
+    tokens_dropped: int = 0
+    tokens_qualified: int = 0
+    tokens_trained: int = 0
+    groups_finished: int = 0
+    groups_kept: int = 0
+    groups_dropped: int = 0
+    groups_carried: int = 0
+    cap_hits: int = 0
+
+
+@dataclass
+class StepRollout:
+    """What one step's sampling produced."""
+
+    groups: list[ScoredGroup] = field(default_factory=list)
+    """Qualified groups to train on."""
+    seen: list[ScoredGroup] = field(default_factory=list)
+    """Every group scored this step (the population of the reward metrics)."""
+    generation_errors: list[str] = field(default_factory=list)
+    reward_errors: int = 0
+
+
+class GroupSampler:
+    def __init__(self, cfg: Config, pool: Any, stream: PromptStream, rewards: RewardRunner, tokenizer: Any):
+        self.cfg, self.pool, self.stream, self.rewards, self.tokenizer = cfg, pool, stream, rewards, tokenizer
+        self.stats = SamplingStats()
+        self.carry: list[ScoredGroup] = []
+        self._uid = 0
+
+    def submit(self, prompts: list[Prompt], n: int, sampling: dict | None = None) -> dict[str, Prompt]:
+        """Sends prompts to the pool; returns them by request uid (row id + a counter, unique)."""
+        by_uid = {}
+        for p in prompts:
+            self._uid += 1
+            by_uid[f"{p.uid}#{self._uid}"] = p
+        self.pool.submit([GroupRequest(uid=u, prompt=p.text, images=p.images, n=n, sampling=sampling)
+                          for u, p in by_uid.items()])
+        return by_uid
+
+    def score(self, results: list[GroupResult], inflight: dict[str, Prompt], out: StepRollout) -> list[ScoredGroup]:
+        """Rewards for finished groups; groups whose generation failed are reported and skipped."""
+        groups, inputs = [], []
+        for res in results:
+            prompt = inflight.pop(res.uid)
+            if res.error is None and res.prompt_token_ids != prompt.prompt_ids:
+                res.error = (f"vLLM's prompt ({len(res.prompt_token_ids)} tokens) differs from the processor's "
+                             f"({len(prompt.prompt_ids)} tokens): image tokens and image features would not match")
+            if res.error is not None:
+                msg = f"row {prompt.row.get('_where', prompt.uid)}: generation failed: {res.error}"
+                log.warning(msg)
+                out.generation_errors.append(msg)
+                continue
+            texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in res.samples]
+            row = {k: v for k, v in prompt.row.items() if not k.startswith("_")}
+            for s, text in zip(res.samples, texts):
+                inputs.append(RewardInput.from_row(len(inputs), row, text, s.token_ids,
+                                                   truncated=s.finish_reason == "length"))
+            groups.append(ScoredGroup(prompt, res, texts, [], {}))
+        if not inputs:
+            return []
+        batch = self.rewards.score(inputs)
+        out.reward_errors += len(batch.errors)
+        k = 0
+        for g in groups:
+            n = len(g.result.samples)
+            g.scores = batch.scores[k:k + n]
+            g.components = {name: values[k:k + n] for name, values in batch.components.items()}
+            k += n
+        return groups
+
+    def qualifies(self, g: ScoredGroup) -> bool:
+        """A group is trained on when some sample has a reward and, with dynamic sampling, its filter
+        metric varies across the samples that have one."""
+        if all(s is None for s in g.scores):
+            return False
+        if not self.cfg.algorithm.dynamic_sampling:
+            return True
+        metric = [m for m, s in zip(g.components[self.cfg.algorithm.filter_metric], g.scores) if s is not None]
+        if len(metric) < 2:
+            return False
+        values = torch.tensor([math.nan if m is None else m for m in metric], dtype=torch.float64)
+        return not bool(A.zero_variance_groups(values, torch.zeros(len(values), dtype=torch.long))[0])
+
+    def sample(self, timer: PhaseTimer) -> StepRollout:
+        """Streams groups until the step has `prompts_per_step` qualified ones."""
+        cfg, st, out = self.cfg, self.stats, StepRollout()
+        need, n = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+        dynamic = cfg.algorithm.dynamic_sampling
+        out.groups, self.carry = self.carry[:need], self.carry[need:]
+        budget = need * (cfg.algorithm.max_sampling_rounds if dynamic else 1)
+        inflight: dict[str, Prompt] = {}
+        submitted = 0
+        while len(out.groups) < need:
+            # Expected qualified groups among those in flight, from the run's keep rate so far.
+            keep_rate = (st.groups_kept + 1) / (st.groups_finished + 2) if dynamic else 1.0
+            missing = need - len(out.groups) - math.floor(len(inflight) * keep_rate)
+            want = min(budget - submitted, math.ceil(max(0, missing) / max(keep_rate, 0.25)))
+            if want > 0:
+                with timer("data"):
+                    inflight.update(self.submit(self.stream.take(want), n))
+                submitted += want
+            if not inflight:
+                if not out.groups and len(out.generation_errors) >= submitted:
+                    raise RuntimeError("every prompt of the step failed to generate:\n  "
+                                       + "\n  ".join(out.generation_errors[:5]))
+                st.cap_hits += 1
+                log.warning("sampling: %d of %d groups qualified after %d prompts (algorithm.max_sampling_rounds=%d);"
+                            " training on those", len(out.groups), need, submitted, cfg.algorithm.max_sampling_rounds)
+                break
+            self._collect(timer, inflight, out, need)
+        while inflight:  # groups already generating finish under the current weights and carry over
+            self._collect(timer, inflight, out, need)
+        for g in out.groups:
+            accuracy = g.components.get(cfg.algorithm.filter_metric, [])
+            self.stream.record_pass_rate(g.prompt.uid, [a for a in accuracy if a is not None])
+        return out
+
+    def _collect(self, timer: PhaseTimer, inflight: dict[str, Prompt], out: StepRollout, need: int) -> None:
+        st = self.stats
+        with timer("rollout"):
+            results = self.pool.results()
+        with timer("reward"):
+            groups = self.score(results, inflight, out)
+        with timer("filter"):
+            for g in groups:
+                out.seen.append(g)
+                st.groups_finished += 1
+                st.tokens_generated += g.response_tokens
+                if self.qualifies(g):
+                    st.groups_kept += 1
+                    st.tokens_qualified += g.response_tokens
+                    if len(out.groups) < need:
+                        out.groups.append(g)
+                    else:
+                        self.carry.append(g)
+                        st.groups_carried += 1
+                else:
+                    st.groups_dropped += 1
+                    st.tokens_dropped += g.response_tokens
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: dict | None = None) -> StepRollout:
+        """Generates and scores `prompts` outside the training stream (evaluation)."""
+        out = StepRollout()
+        inflight = self.submit(prompts, n, sampling)
+        while inflight:
+            out.seen += self.score(self.pool.results(), inflight, out)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        st = self.stats
+        return {
+            "dapo/yield": st.tokens_trained / max(st.tokens_qualified, 1),
+            "dapo/filtered_frac": st.tokens_dropped / max(st.tokens_generated, 1),
+            "dapo/groups_dropped": float(st.groups_dropped),
+            "dapo/groups_carried": float(st.groups_carried),
+            "dapo/cap_hits": float(st.cap_hits),
+            "data/skipped_solved": float(self.stream.skipped_solved),
+        }

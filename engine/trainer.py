@@ -1,0 +1,263 @@
+"""The driver loop. One RL step, top to bottom:
+
+    rollout → reward → filter      streamed: groups are scored and filtered as each completes, and
+                                   freed capacity is refilled with new prompts (dynamic sampling)
+    old/ref log-probs              learner passes, only when some KL or several updates need them
+    advantages                     pure functions of the group rewards (engine/algorithms.py)
+    update                         DeepSpeed learner ranks
+    weight sync                    learner → every vLLM engine
+    eval / checkpoint              when due
+
+Each phase is timed (`timing/<phase>`) and the step's metrics are appended to
+runs/<run name>/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from typing import Any
+
+import torch
+import yaml
+
+from engine import algorithms as A
+from engine.config import Config, to_dict
+from engine.data import PromptBuilder, PromptStream, load_rows
+from engine.learner import Sequence
+from engine.learner_group import LearnerGroup
+from engine.metrics import MetricsLog, PhaseTimer, mean
+from engine.sampler import GroupSampler, ScoredGroup, StepRollout
+from rewards import RewardRunner, RewardSpec
+from rollout.pool import RolloutPool
+
+log = logging.getLogger("pathorl.trainer")
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from transformers import AutoProcessor
+
+        self.cfg = cfg
+        self.run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.processor = AutoProcessor.from_pretrained(cfg.model.path)
+        self.tokenizer = self.processor.tokenizer
+        self.builder = PromptBuilder(self.processor, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
+        rows, skipped = load_rows(cfg.data.train, cfg.data.bad_rows)
+        self.stream = PromptStream(rows, self.builder, cfg.data.bad_rows, cfg.trainer.seed, cfg.data.shuffle,
+                                   cfg.algorithm.skip_solved_epochs, skipped=list(skipped))
+        self.val_rows = load_rows(cfg.data.val, cfg.data.bad_rows)[0] if cfg.data.val else []
+        self.rewards = RewardRunner(
+            [RewardSpec(f.name, f.fn, f.weight, dict(f.kwargs), timeout_s=f.timeout_s) for f in cfg.reward.functions],
+            num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, on_error=cfg.reward.on_error,
+            fallback_score=cfg.reward.fallback_score)
+        r = cfg.rollout
+        self.pool = RolloutPool(
+            cfg.model.path, r.num_workers,
+            sampling=dict(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens),
+            dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed, kv_cache_gib=r.kv_cache_gib,
+            gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+            tensor_parallel_size=r.tensor_parallel_size, num_cpus_per_worker=r.num_cpus_per_worker,
+            num_gpus_per_worker=1.0 if cfg.learner.num_gpus else 0.0,
+            env_vars=None if cfg.learner.num_gpus else {"OMP_NUM_THREADS": str(r.cpu_threads or os.cpu_count())})
+        self.learners = LearnerGroup(cfg)
+        self.pool.wait_ready()
+        self.learners.wait_ready()
+        self.sampler = GroupSampler(cfg, self.pool, self.stream, self.rewards, self.tokenizer)
+
+    # ---- sequences, log-probs, advantages ----
+
+    def _sequences(self, groups: list[ScoredGroup]) -> tuple[list[Sequence], list[Any], list[tuple[int, int]], list[float]]:
+        """Sequences of the samples that have a reward, the images, (group, sample) per sequence, and
+        each sequence's shaped reward."""
+        algo, r = self.cfg.algorithm, self.cfg.rollout
+        seqs, images, origin, rewards = [], [], [], []
+        for gi, g in enumerate(groups):
+            image = -1
+            if g.prompt.pixel_values is not None:
+                images.append((g.prompt.pixel_values, g.prompt.image_grid_thw))
+                image = len(images) - 1
+            for si, (sample, score) in enumerate(zip(g.result.samples, g.scores)):
+                if score is None or not sample.token_ids:
+                    continue
+                shaped = score
+                if algo.overlong_buffer:
+                    shaped += float(A.overlong_shaping(torch.tensor([len(sample.token_ids)]), r.max_new_tokens,
+                                                       algo.overlong_buffer, algo.overlong_factor)[0])
+                seqs.append(Sequence(prompt_ids=g.result.prompt_token_ids, response_ids=sample.token_ids, image=image,
+                                     rollout_logprobs=sample.logprobs))
+                origin.append((gi, si))
+                rewards.append(shaped)
+        return seqs, images, origin, rewards
+
+    def _advantages(self, seqs: list[Sequence], origin: list[tuple[int, int]], rewards: list[float]) -> dict:
+        algo = self.cfg.algorithm
+        r = torch.tensor(rewards, dtype=torch.float64)
+        stats = {}
+        if algo.kl_reward_coef > 0:
+            seq_kl = torch.tensor([float(A.kl_estimate(torch.tensor(s.old_logprobs), torch.tensor(s.ref_logprobs),
+                                                       algo.kl_estimator).sum()) for s in seqs], dtype=torch.float64)
+            r = r - algo.kl_reward_coef * seq_kl
+            stats["kl_reward/mean"] = float(seq_kl.mean())
+        adv = A.ADVANTAGES[algo.advantage](r, torch.tensor([g for g, _ in origin]), algo.adv_eps)
+        for s, a in zip(seqs, adv.tolist()):
+            s.advantage = a
+        stats["advantage/mean"] = float(adv.mean())
+        stats["advantage/abs_mean"] = float(adv.abs().mean())
+        return stats
+
+    # ---- the loop ----
+
+    def sync_weights(self) -> float:
+        return self.pool.load_weights(self.learners.export_weights())
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        self.sft_warmup()
+        for step in range(1, cfg.trainer.steps + 1):
+            timer = PhaseTimer()
+            t_step = time.perf_counter()
+            rollout = self.sampler.sample(timer)
+
+            seqs, images, origin, rewards = self._sequences(rollout.groups)
+            train = [s for s, (g, i) in zip(seqs, origin)
+                     if not (cfg.algorithm.mask_truncated and rollout.groups[g].result.samples[i].finish_reason == "length")]
+            with timer("old_ref_logprobs"):
+                if seqs and cfg.uses_reference:
+                    for s, lp in zip(seqs, self.learners.compute_logprobs(seqs, images, "ref")):
+                        s.ref_logprobs = lp
+                if seqs and (cfg.algorithm.kl_reward_coef > 0 or cfg.learner.mini_batches > 1 or cfg.learner.epochs > 1):
+                    for s, lp in zip(seqs, self.learners.compute_logprobs(seqs, images, "old")):
+                        s.old_logprobs = lp
+            with timer("advantages"):
+                adv_stats = self._advantages(seqs, origin, rewards) if seqs else {}
+            stats: dict[str, float] = {}
+            if len(train) >= self.learners.world_size:
+                with timer("update"):
+                    stats = self.learners.update(self._mini_batches(train, origin, seqs), images)
+                self.sampler.stats.tokens_trained += sum(len(s.response_ids) for s in train)
+            else:
+                log.warning("step %d: only %d sequences to train on; update skipped", step, len(train))
+            with timer("weight_sync"):
+                self.sync_weights()
+            record = {"stage": "rl", "step": step, **self._rollout_metrics(rollout), **adv_stats, **stats}
+            if (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0) or step == cfg.trainer.steps:
+                with timer("eval"):
+                    record.update(self.evaluate())
+            if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or step == cfg.trainer.steps:
+                with timer("checkpoint"):
+                    name = "checkpoint" if step == cfg.trainer.steps else f"checkpoint-step{step}"
+                    record["checkpoint"] = self.learners.save(os.path.join(self.run_dir, name))
+            step_s = time.perf_counter() - t_step
+            record.update(timer.metrics())
+            record["timing/step"] = step_s
+            record["throughput/tokens_per_s"] = record["response_length/total"] / step_s
+            self.metrics.write(record)
+            log.info("step %d  reward %.3f  acc %s  len %.1f  kl %s  %.1fs", step, record.get("reward/mean", float("nan")),
+                     _fmt(record.get("reward/accuracy")), record.get("response_length/mean", float("nan")),
+                     _fmt(record.get("kl")), step_s)
+
+    def _mini_batches(self, train: list[Sequence], origin, seqs) -> list[list[Sequence]]:
+        """Splits the step's sequences into PPO mini-batches along prompt groups."""
+        k = self.cfg.learner.mini_batches
+        if k == 1:
+            return [train]
+        group_of = {id(s): g for s, (g, _) in zip(seqs, origin)}
+        groups = sorted({group_of[id(s)] for s in train})
+        return [[s for s in train if group_of[id(s)] in groups[i::k]] for i in range(k)]
+
+    def _rollout_metrics(self, rollout: StepRollout) -> dict[str, float]:
+        samples = [(s, sc) for g in rollout.seen for s, sc in zip(g.result.samples, g.scores)]
+        lengths = [len(s.token_ids) for s, _ in samples]
+        out = {
+            "reward/mean": mean(sc for _, sc in samples if sc is not None),
+            "reward/errors": float(rollout.reward_errors),
+            "rollout/errors": float(len(rollout.generation_errors)),
+            "rollout/groups": float(len(rollout.seen)),
+            "response_length/mean": mean(lengths),
+            "response_length/max": float(max(lengths, default=0)),
+            "response_length/total": float(sum(lengths)),
+            "response_length/truncated_frac": mean(s.finish_reason == "length" for s, _ in samples),
+            "data/skipped": float(len(self.stream.skipped)),
+            "data/epoch": float(self.stream.epoch),
+        }
+        for name in self.cfg.reward.functions:
+            values = [v for g in rollout.seen for v in g.components.get(name.name, []) if v is not None]
+            out[f"reward/{name.name}"] = mean(values)
+        if self.cfg.algorithm.dynamic_sampling:
+            out.update(self.sampler.metrics())
+            out["dapo/train_groups"] = float(len(rollout.groups))
+        return out
+
+    # ---- SFT warm-up, evaluation ----
+
+    def sft_warmup(self) -> None:
+        """Supervised warm-up on format examples: each target is the configured template with a
+        uniformly random option as the answer, so it teaches the output format, not the answers."""
+        sft = self.cfg.sft
+        if sft.steps <= 0:
+            return
+        rng = random.Random(self.cfg.trainer.seed)
+        rows = [r for r in self.stream.rows if r["options"]]
+        if not rows:
+            raise ValueError("sft.steps > 0 needs multiple-choice rows (with options) in data.train")
+        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        for k in range(1, sft.steps + 1):
+            timer = PhaseTimer()
+            with timer("data"):
+                seqs, images = [], []
+                for row in rng.sample(rows, min(sft.batch_size, len(rows))):
+                    try:
+                        prompt = self.builder.build(row)
+                    except ValueError as e:
+                        log.warning("sft: skipping bad row: %s", e)
+                        continue
+                    text = sft.response_template.format(think=sft.think, answer=rng.choice(row["options"]))
+                    image = -1
+                    if prompt.pixel_values is not None:
+                        images.append((prompt.pixel_values, prompt.image_grid_thw))
+                        image = len(images) - 1
+                    seqs.append(Sequence(prompt_ids=prompt.prompt_ids, image=image,
+                                         response_ids=self.tokenizer(text)["input_ids"] + [eos]))
+            with timer("update"):
+                stats = self.learners.sft_update(seqs, images, sft.lr)
+            self.metrics.write({"stage": "sft", "sft_step": k, **stats, **timer.metrics()})
+            if k % 10 == 0 or k == sft.steps:
+                log.info("sft %d/%d  nll %.3f", k, sft.steps, stats.get("sft/nll", float("nan")))
+        self.learners.reset_reference()
+        self.sync_weights()
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy answers on up to `eval_max_rows` validation rows."""
+        if not self.val_rows:
+            return {}
+        prompts = []
+        for row in self.val_rows[: self.cfg.trainer.eval_max_rows]:
+            try:
+                prompts.append(self.builder.build(row))
+            except ValueError as e:
+                log.warning("eval: skipping bad row: %s", e)
+        groups = self.sampler.generate(prompts, 1, sampling={"temperature": 0.0}).seen
+        record = {"eval/rows": float(len(groups))}
+        scores = [s for g in groups for s in g.scores if s is not None]
+        record["eval/reward/mean"] = mean(scores)
+        for name in self.cfg.reward.functions:
+            record[f"eval/reward/{name.name}"] = mean(v for g in groups for v in g.components.get(name.name, [])
+                                                      if v is not None)
+        return record
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.pool.shutdown()
+        self.learners.shutdown()
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}"

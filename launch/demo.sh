@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs one config through a local Ray head it starts and stops: `launch/demo.sh [config.yaml] [overrides…]`.
+# Used by `make demo`; the environment (.venv) and the tiny model + demo data must exist.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+config="${1:-launch/configs/demo.yaml}"
+shift || true
+gcs_port="${PATHORL_RAY_PORT:-6390}"
+dashboard_port="${PATHORL_DASHBOARD_PORT:-8266}"
+export PATH="$PWD/.venv/bin:$PATH"
+# Keep every Ray process on loopback (without this Ray rewrites 127.0.0.1 to the interface address).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Ray 2.60 turns token authentication on for new clusters; the CLI must be told to send the token.
+export RAY_AUTH_MODE=token
+
+ray start --head --block --num-cpus="${PATHORL_NUM_CPUS:-$(nproc)}" --node-ip-address=127.0.0.1 --port="$gcs_port" \
+  --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --disable-usage-stats >/tmp/pathorl-ray-head.log 2>&1 &
+head_pid=$!
+# `ray start --block` stops exactly the processes it started when it is signalled (unlike `ray stop`,
+# which would also stop any other Ray instance of this user).
+trap 'kill "$head_pid" 2>/dev/null; wait "$head_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 120); do
+  ray job list --address "http://127.0.0.1:$dashboard_port" >/dev/null 2>&1 && break
+  kill -0 "$head_pid" 2>/dev/null || { cat /tmp/pathorl-ray-head.log; echo "demo: Ray head failed to start" >&2; exit 1; }
+  sleep 1
+done
+
+ray job submit --address "http://127.0.0.1:$dashboard_port" -- python launch/rl.py --config "$config" "$@"
+python launch/summarize_run.py --config "$config" "$@"

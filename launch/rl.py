@@ -1,0 +1,39 @@
+"""Entry point of an RL run; submitted to a Ray cluster with
+
+    ray job submit --address http://127.0.0.1:8265 -- python launch/rl.py --config launch/configs/demo.yaml
+
+or run directly (a local Ray instance is started). Dotted overrides follow the config:
+    python launch/rl.py --config launch/configs/demo.yaml trainer.steps=10 rollout.temperature=0.8
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ray  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (see engine/config.py for the fields)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    ray.init(logging_level=logging.WARNING)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    print(f"run finished: {os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)}")
+
+
+if __name__ == "__main__":
+    main()

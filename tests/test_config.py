@@ -1,0 +1,59 @@
+"""Config loading: YAML + dotted overrides into typed dataclasses, and start-up validation that
+names the offending fields."""
+
+import pytest
+
+from engine.config import Config, ConfigError, load_config
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("rollout:\n  group_size: 4\nalgorithm:\n  clip_high: 0.28\nreward:\n"
+                    "  functions:\n    - {name: accuracy, fn: mc_accuracy, weight: 1.0}\n")
+    cfg = load_config(str(path), ["rollout.temperature=0.7", "learner.lr=3e-6", "algorithm.dual_clip=3",
+                                  "data.val=null"])
+    assert cfg.trainer.run_name == "exp"
+    assert cfg.rollout.group_size == 4 and cfg.rollout.temperature == 0.7
+    assert cfg.learner.lr == 3e-6 and isinstance(cfg.algorithm.dual_clip, float)
+    assert cfg.algorithm.clip_high == 0.28 and cfg.algorithm.clip_low == 0.2
+    assert cfg.data.val is None
+    assert [f.fn for f in cfg.reward.functions] == ["mc_accuracy"]
+
+
+def test_defaults_are_patho_r1():
+    cfg = Config()
+    assert [(f.name, f.fn, f.weight) for f in cfg.reward.functions] == [
+        ("format", "patho_r1_format", 0.1), ("accuracy", "mc_accuracy", 0.9)]
+    assert cfg.data.system_prompt.startswith("You are a pathology expert")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.group_sise=4", "rollout.group_sise"),
+    ("rollout.group_size=four", "rollout.group_size: expected int"),
+    ("learner.betas=0.9", "learner.betas: expected a list"),
+    ("nonsense", "expected section.field=value"),
+])
+def test_bad_keys_and_types_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, fields", [
+    (["algorithm.clip_high=0.1", "algorithm.clip_low=0.2"], ["algorithm.clip_high", "algorithm.clip_low"]),
+    (["rollout.group_size=1"], ["algorithm.advantage", "rollout.group_size"]),
+    (["algorithm.dynamic_sampling=true", "algorithm.filter_metric=acc"], ["algorithm.filter_metric"]),
+    (["algorithm.overlong_buffer=64", "rollout.max_new_tokens=64"], ["algorithm.overlong_buffer"]),
+    (["algorithm.dual_clip=0.5"], ["algorithm.dual_clip"]),
+    (["rollout.prompts_per_step=6", "learner.mini_batches=4"], ["learner.mini_batches"]),
+])
+def test_impossible_combinations_fail_at_start(overrides, fields):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for field in fields:
+        assert field in str(err.value)
+
+
+def test_reference_model_only_when_some_kl_is_on():
+    assert not load_config(None, []).uses_reference
+    assert load_config(None, ["algorithm.kl_loss_coef=0.01"]).uses_reference
+    assert load_config(None, ["algorithm.kl_reward_coef=0.05"]).uses_reference

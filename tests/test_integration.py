@@ -1,0 +1,88 @@
+"""The real stack end to end (Ray + vLLM + DeepSpeed + reward workers, tiny model, demo data):
+an SFT warm-up and RL steps through `Trainer.fit`, then the checks that matter for RL correctness:
+
+(a) metrics.jsonl has the per-step keys, and the final checkpoint loads in transformers and vLLM;
+(b) after the weight sync, the rollout engine's log-probs of a fixed sequence equal the learner's
+    (tolerance 1e-4; fp32 on both sides agrees to ~2e-6) and differ from before the updates.
+"""
+
+import json
+import os
+
+import pytest
+import ray
+import torch
+
+from engine.config import load_config
+from engine.learner import Sequence
+from engine.trainer import Trainer
+
+REQUIRED = ["step", "reward/mean", "reward/format", "reward/accuracy", "response_length/mean", "loss", "kl",
+            "throughput/tokens_per_s", "timing/rollout", "timing/reward", "timing/filter", "timing/old_ref_logprobs",
+            "timing/advantages", "timing/update", "timing/weight_sync", "timing/step"]
+FIXED_RESPONSE = "<think>The brown membranes are DAB.</think><answer>A</answer>"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, namespace="pathorl-test")
+    yield
+    ray.shutdown()
+
+
+def _engine_view(worker, prompt, response):
+    ids, logprobs = ray.get(worker.prompt_logprobs.remote(prompt.text + response + "<|im_end|>", prompt.images))
+    return ids, torch.tensor(logprobs[len(prompt.prompt_ids):])
+
+
+def test_train_sync_and_checkpoint(ray_session, tiny_model, demo_data, tmp_path):
+    cfg = load_config("launch/configs/demo.yaml", [
+        f"model.path={tiny_model}", f"data.train={demo_data}/train.jsonl", f"data.val={demo_data}/val.jsonl",
+        f"trainer.output_dir={tmp_path}", "trainer.run_name=it", "trainer.steps=2", "trainer.eval_max_rows=4",
+        "sft.steps=3", "sft.batch_size=4", "rollout.prompts_per_step=3", "rollout.group_size=4",
+        "rollout.max_new_tokens=24", "learner.lr=1e-3"])
+    trainer = Trainer(cfg)
+    try:
+        worker = trainer.pool.workers[0]
+        prompt = trainer.builder.build(trainer.val_rows[0])
+        response_ids = trainer.tokenizer(FIXED_RESPONSE)["input_ids"] + [trainer.tokenizer.convert_tokens_to_ids(
+            "<|im_end|>")]
+        ids_before, before = _engine_view(worker, prompt, FIXED_RESPONSE)
+        assert ids_before == prompt.prompt_ids + response_ids  # token-in/token-out: the same ids on both sides
+
+        trainer.fit()
+
+        ids_after, after = _engine_view(worker, prompt, FIXED_RESPONSE)
+        learner = trainer.learners.compute_logprobs(
+            [Sequence(prompt_ids=prompt.prompt_ids, response_ids=response_ids, image=0)],
+            [(prompt.pixel_values, prompt.image_grid_thw)], "old")[0]
+        assert ids_after == ids_before
+        assert (after - torch.tensor(learner)).abs().max() < 1e-4
+        assert (after - before).abs().max() > 1e-2, "the rollout engine still runs the initial weights"
+    finally:
+        trainer.close()
+
+    records = [json.loads(line) for line in open(tmp_path / "it" / "metrics.jsonl")]
+    assert [r["sft_step"] for r in records if r["stage"] == "sft"] == [1, 2, 3]
+    rl = [r for r in records if r["stage"] == "rl"]
+    assert [r["step"] for r in rl] == [1, 2]
+    for record in rl:
+        missing = [k for k in REQUIRED if k not in record]
+        assert not missing, missing
+        assert 0.0 <= record["reward/mean"] <= 1.0 and record["kl"] >= 0.0 and record["rollout/groups"] == 3
+    assert "eval/reward/mean" in rl[-1]
+
+    checkpoint = rl[-1]["checkpoint"]
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint)
+    assert model.config.text_config.hidden_size == 128
+    # vLLM loads the checkpoint folder (weights, config, tokenizer, processor) and sees the trained policy.
+    from rollout.worker import RolloutWorker
+
+    fresh = ray.remote(RolloutWorker).options(num_cpus=1, max_concurrency=4).remote(
+        index=0, model_path=checkpoint, sampling={"max_tokens": 4}, kv_cache_gib=1.0)
+    _, from_checkpoint = _engine_view(fresh, prompt, FIXED_RESPONSE)
+    assert (from_checkpoint - after).abs().max() < 1e-4
+    ray.kill(fresh)
+    assert os.path.exists(os.path.join(checkpoint, "tokenizer.json"))
