@@ -70,10 +70,16 @@ class Learner:
         self.seed = seed
         self.cuda = torch.cuda.is_available() and learner.get("num_gpus", 0) > 0
 
-    def address(self) -> str:
+    def endpoint(self) -> tuple[str, int]:
+        """This rank's node address and a free TCP port on it (for a rendezvous it hosts)."""
+        import socket
+
         import ray
 
-        return ray.util.get_node_ip_address()
+        address = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((address, 0))
+            return address, s.getsockname()[1]
 
     def init(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
@@ -87,13 +93,17 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
         self.rank, self.world_size = rank, world_size
         dtype = getattr(torch, self.model_cfg["dtype"])
+        with open(self.cfg["deepspeed_config"]) as f:
+            ds_config = json.load(f)
+        # With DeepSpeed's bf16 mode on, it casts the model and keeps fp32 master weights, so the
+        # policy is loaded in fp32; otherwise the optimizer works on parameters of model.dtype.
+        ds_bf16 = ds_config.get("bf16", {}).get("enabled", False)
         torch.manual_seed(self.seed)
-        policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_cfg["path"], dtype=dtype)
+        policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            self.model_cfg["path"], dtype=torch.float32 if ds_bf16 else dtype)
         if self.cfg["gradient_checkpointing"]:
             policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
-        with open(self.cfg["deepspeed_config"]) as f:
-            ds_config = json.load(f)
         ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
                          gradient_clipping=self.cfg["grad_clip"],
                          # We call step() once per optimizer step after a variable number of backwards.
@@ -258,20 +268,41 @@ class Learner:
         return self._optimizer_step(shard, self._sft_loss(shard), lr)
 
     @torch.no_grad()
-    def reset_reference(self) -> None:
-        """The reference becomes a frozen copy of the current policy (after the SFT warm-up, so the KL
-        anchors RL to the model it starts from, as the seeds do)."""
+    def start_rl_stage(self) -> None:
+        """After the SFT warm-up: the reference becomes a frozen copy of the current policy (the KL
+        anchors RL to the model it starts from, as the seeds do), and the optimizer state is cleared.
+        Adam's second moments from SFT gradients (norm ~1) would otherwise shrink RL's steps (norm
+        ~0.1) about tenfold for the next ~1/(1 − β₂) = 1000 steps."""
         if self.ref is not None:
             self.ref.load_state_dict(self.engine.module.state_dict())
+        getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
 
     # ---- weights out ----
 
-    def export_weights(self) -> dict[str, torch.Tensor]:
-        """The policy's parameters in Hugging Face names, on CPU (the tied LM head is not repeated)."""
+    def _export_tensors(self) -> dict[str, torch.Tensor]:
+        """The policy's parameters in Hugging Face names (the tied LM head is not repeated)."""
         model = self.engine.module
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()
-                if not (tied and name == "lm_head.weight")}
+        return {name: t.detach() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The weights as CPU copies, for the object-store transport."""
+        return {name: t.to("cpu", copy=True).contiguous() for name, t in self._export_tensors().items()}
+
+    def weight_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of the exported weights, in export order (the broadcast plan's input)."""
+        return [(k, tuple(v.shape), v.dtype) for k, v in self._export_tensors().items()]
+
+    def join_weight_group(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> None:
+        from rollout.weight_sync import join_group
+
+        self._weight_group = join_group(master_addr, master_port, rank, world_size, backend)
+
+    def broadcast_weights(self, plan: list) -> int:
+        """Sends the policy to every engine of the weight group (rank 0 of that group)."""
+        from rollout.weight_sync import send
+
+        return send(self._weight_group, self._export_tensors(), plan, str(self.device))
 
     def save(self, path: str) -> str:
         """Writes a Hugging Face folder (weights, config, tokenizer, processor) loadable by

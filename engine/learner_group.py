@@ -7,7 +7,6 @@ sequence and token counts so the loss normalisation is the same however the step
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import ray
@@ -48,12 +47,6 @@ def make_shards(sequences: list[Sequence], images: list[Any], world_size: int, m
     return shards
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LearnerGroup:
     def __init__(self, cfg: Config):
         lc = cfg.learner
@@ -72,8 +65,7 @@ class LearnerGroup:
                     use_reference=cfg.uses_reference, seed=cfg.trainer.seed)
             for r in range(lc.num_ranks)
         ]
-        master = ray.get(self.ranks[0].address.remote())
-        port = _free_port() if master in ("127.0.0.1", ray.util.get_node_ip_address()) else 29500
+        master, port = ray.get(self.ranks[0].endpoint.remote())
         self._starting = [a.init.remote(r, self.world_size, master, port) for r, a in enumerate(self.ranks)]
 
     def wait_ready(self) -> None:
@@ -105,12 +97,13 @@ class LearnerGroup:
         shards = self._shards(sequences, images)
         return _sum(ray.get([a.sft_update.remote(s, lr) for a, s in zip(self.ranks, shards)]))
 
-    def reset_reference(self) -> None:
-        ray.get([a.reset_reference.remote() for a in self.ranks])
+    def start_rl_stage(self) -> None:
+        ray.get([a.start_rl_stage.remote() for a in self.ranks])
 
-    def export_weights(self) -> Any:
-        """Object ref of rank 0's {name: tensor} weights (all ranks hold the same parameters)."""
-        return self.ranks[0].export_weights.remote()
+    @property
+    def weight_source(self) -> Any:
+        """Rank 0, which every rollout engine takes its weights from (all ranks hold the same)."""
+        return self.ranks[0]
 
     def save(self, path: str) -> str:
         return ray.get([a.save.remote(path) for a in self.ranks])[0]

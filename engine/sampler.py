@@ -22,7 +22,7 @@ from engine.config import Config
 from engine.data import Prompt, PromptStream
 from engine.metrics import PhaseTimer
 from rewards import RewardInput, RewardRunner
-from rollout.worker import GroupRequest, GroupResult
+from rollout.records import GroupRequest, GroupResult
 
 log = logging.getLogger("pathorl.sampler")
 
@@ -67,6 +67,8 @@ class StepRollout:
     seen: list[ScoredGroup] = field(default_factory=list)
     """Every group scored this step (the population of the reward metrics)."""
     generation_errors: list[str] = field(default_factory=list)
+    failed: list[tuple[Prompt, GroupResult]] = field(default_factory=list)
+    """Groups whose generation failed (logged with their error)."""
     reward_errors: int = 0
 
 
@@ -99,6 +101,7 @@ class GroupSampler:
                 msg = f"row {prompt.row.get('_where', prompt.uid)}: generation failed: {res.error}"
                 log.warning(msg)
                 out.generation_errors.append(msg)
+                out.failed.append((prompt, res))
                 continue
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in res.samples]
             row = {k: v for k, v in prompt.row.items() if not k.startswith("_")}

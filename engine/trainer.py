@@ -21,6 +21,7 @@ import random
 import time
 from typing import Any
 
+import ray
 import torch
 import yaml
 
@@ -32,7 +33,9 @@ from engine.learner_group import LearnerGroup
 from engine.metrics import MetricsLog, PhaseTimer, mean
 from engine.sampler import GroupSampler, ScoredGroup, StepRollout
 from rewards import RewardRunner, RewardSpec
+from rewards.judge import start_judge_actor
 from rollout.pool import RolloutPool
+from rollout.records import RolloutLog, to_record
 
 log = logging.getLogger("pathorl.trainer")
 
@@ -54,6 +57,15 @@ class Trainer:
         self.stream = PromptStream(rows, self.builder, cfg.data.bad_rows, cfg.trainer.seed, cfg.data.shuffle,
                                    cfg.algorithm.skip_solved_epochs, skipped=list(skipped))
         self.val_rows = load_rows(cfg.data.val, cfg.data.bad_rows)[0] if cfg.data.val else []
+        self.judge = None
+        if cfg.reward.judge_model:
+            # The judge_vllm reward runs in worker processes that join this cluster through RAY_ADDRESS.
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+            gpu = bool(cfg.learner.num_gpus)
+            self.judge = start_judge_actor(
+                cfg.reward.judge_model, num_cpus=cfg.reward.judge_num_cpus, num_gpus=1 if gpu else 0,
+                env_vars=None if gpu else {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.rollout.kv_cache_gib)))},
+                dtype=cfg.model.dtype, enforce_eager=cfg.rollout.enforce_eager)
         self.rewards = RewardRunner(
             [RewardSpec(f.name, f.fn, f.weight, dict(f.kwargs), timeout_s=f.timeout_s) for f in cfg.reward.functions],
             num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, on_error=cfg.reward.on_error,
@@ -66,11 +78,15 @@ class Trainer:
             gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
             tensor_parallel_size=r.tensor_parallel_size, num_cpus_per_worker=r.num_cpus_per_worker,
             num_gpus_per_worker=1.0 if cfg.learner.num_gpus else 0.0,
-            env_vars=None if cfg.learner.num_gpus else {"OMP_NUM_THREADS": str(r.cpu_threads or os.cpu_count())})
+            env_vars=None if cfg.learner.num_gpus else {"OMP_NUM_THREADS": str(r.cpu_threads or os.cpu_count())},
+            weight_transport=r.weight_sync if r.weight_sync != "auto" else (
+                "broadcast" if cfg.learner.num_gpus else "object_store"),
+            bucket_mb=r.weight_sync_bucket_mb)
         self.learners = LearnerGroup(cfg)
         self.pool.wait_ready()
         self.learners.wait_ready()
         self.sampler = GroupSampler(cfg, self.pool, self.stream, self.rewards, self.tokenizer)
+        self.rollout_log = RolloutLog(os.path.join(self.run_dir, "rollouts")) if cfg.trainer.log_rollouts else None
 
     # ---- sequences, log-probs, advantages ----
 
@@ -116,7 +132,7 @@ class Trainer:
     # ---- the loop ----
 
     def sync_weights(self) -> float:
-        return self.pool.load_weights(self.learners.export_weights())
+        return self.pool.sync_weights(self.learners.weight_source)
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -125,6 +141,9 @@ class Trainer:
             timer = PhaseTimer()
             t_step = time.perf_counter()
             rollout = self.sampler.sample(timer)
+            if self.rollout_log:
+                with timer("log"):
+                    self.rollout_log.write(step, self._records(step, rollout))
 
             seqs, images, origin, rewards = self._sequences(rollout.groups)
             train = [s for s, (g, i) in zip(seqs, origin)
@@ -163,6 +182,21 @@ class Trainer:
             log.info("step %d  reward %.3f  acc %s  len %.1f  kl %s  %.1fs", step, record.get("reward/mean", float("nan")),
                      _fmt(record.get("reward/accuracy")), record.get("response_length/mean", float("nan")),
                      _fmt(record.get("kl")), step_s)
+
+    def _records(self, step: int, rollout: StepRollout) -> list[dict]:
+        """The step's groups as msgpack records with the row, the rewards and the components."""
+        records = []
+        for prompt, result, scores, components in (
+                [(g.prompt, g.result, g.scores, g.components) for g in rollout.seen]
+                + [(p, r, [], {}) for p, r in rollout.failed]):
+            rec = to_record(result)
+            rec.update(step=step, row_id=prompt.uid, images=prompt.row["images"],
+                       row={k: v for k, v in prompt.row.items() if not k.startswith("_")})
+            for i, (sample, score) in enumerate(zip(rec["samples"], scores)):
+                sample["reward"] = score
+                sample["components"] = {name: values[i] for name, values in components.items()}
+            records.append(rec)
+        return records
 
     def _mini_batches(self, train: list[Sequence], origin, seqs) -> list[list[Sequence]]:
         """Splits the step's sequences into PPO mini-batches along prompt groups."""
@@ -231,7 +265,7 @@ class Trainer:
             self.metrics.write({"stage": "sft", "sft_step": k, **stats, **timer.metrics()})
             if k % 10 == 0 or k == sft.steps:
                 log.info("sft %d/%d  nll %.3f", k, sft.steps, stats.get("sft/nll", float("nan")))
-        self.learners.reset_reference()
+        self.learners.start_rl_stage()
         self.sync_weights()
 
     def evaluate(self) -> dict[str, float]:
@@ -254,6 +288,8 @@ class Trainer:
         return record
 
     def close(self) -> None:
+        if self.judge is not None:
+            ray.kill(self.judge)
         self.rewards.close()
         self.pool.shutdown()
         self.learners.shutdown()

@@ -75,6 +75,10 @@ def _triton_module(backend, tensor, name):
     if not tensor.is_cuda and not module.INTERPRETED:
         raise ValueError(f"backend: 'triton' got CPU tensors, which need TRITON_INTERPRET=1 set before "
                          f"kernels.{name} is first imported; use backend='torch' or CUDA tensors")
+    if not tensor.is_cuda and not module.TRITON_HELPERS_INTERPRETED:
+        raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton itself "
+                         "is first imported (vLLM imports it), or triton's own tl.* helpers cannot be "
+                         "interpreted; set it in the environment of the process")
     return module
 
 

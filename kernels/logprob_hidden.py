@@ -164,6 +164,8 @@ def _backward_kernel(x_ptr, w_ptr, b_ptr, targets_ptr, lse_ptr, mean_z_ptr, g_lo
 
 # What @triton.jit saw above: CPU tensors can only run through the interpreter.
 INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
+# triton's own helpers (tl.max, ...) were decorated when triton was first imported, maybe earlier.
+TRITON_HELPERS_INTERPRETED = isinstance(tl.max, InterpretedFunction)
 
 
 def _tiles(hidden):

@@ -92,6 +92,8 @@ def _backward_kernel(logits_ptr, dlogits_ptr, targets_ptr, lse_ptr, entropy_ptr,
 
 # What @triton.jit saw above: CPU tensors can only run through the interpreter.
 INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
+# triton's own helpers (tl.max, ...) were decorated when triton was first imported, maybe earlier.
+TRITON_HELPERS_INTERPRETED = isinstance(tl.max, InterpretedFunction)
 
 
 def _blocks(n_rows, n_vocab):

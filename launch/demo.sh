@@ -14,12 +14,18 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Ray 2.60 turns token authentication on for new clusters; the CLI must be told to send the token.
 export RAY_AUTH_MODE=token
 
+if ray job list --address "http://127.0.0.1:$dashboard_port" >/dev/null 2>&1; then
+  echo "demo: a Ray cluster already answers on port $dashboard_port (stop it, or set PATHORL_DASHBOARD_PORT" \
+       "and PATHORL_RAY_PORT)" >&2
+  exit 1
+fi
 ray start --head --block --num-cpus="${PATHORL_NUM_CPUS:-$(nproc)}" --node-ip-address=127.0.0.1 --port="$gcs_port" \
   --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --disable-usage-stats >/tmp/pathorl-ray-head.log 2>&1 &
 head_pid=$!
 # `ray start --block` stops exactly the processes it started when it is signalled (unlike `ray stop`,
 # which would also stop any other Ray instance of this user).
 trap 'kill "$head_pid" 2>/dev/null; wait "$head_pid" 2>/dev/null || true' EXIT
+trap 'exit 130' INT TERM
 for _ in $(seq 120); do
   ray job list --address "http://127.0.0.1:$dashboard_port" >/dev/null 2>&1 && break
   kill -0 "$head_pid" 2>/dev/null || { cat /tmp/pathorl-ray-head.log; echo "demo: Ray head failed to start" >&2; exit 1; }

@@ -26,7 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, args.overrides)
-    ray.init(logging_level=logging.WARNING)
+    # Under `ray job submit` RAY_ADDRESS names the cluster; run directly, a fresh local one starts
+    # (never a stale cluster recorded in /tmp/ray by an earlier `ray start`).
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
     trainer = Trainer(cfg)
     try:
         trainer.fit()

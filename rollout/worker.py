@@ -15,55 +15,34 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from PIL import Image
 
-
-@dataclass
-class GroupRequest:
-    """One prompt to sample `n` responses for."""
-
-    uid: str
-    """Unique id of this request (the driver appends an attempt counter to the row id)."""
-    prompt: str
-    """Chat-templated prompt text with one <|image_pad|> per image."""
-    images: list[Image.Image] = field(default_factory=list)
-    """Decoded images; vLLM processes each once for all n samples."""
-    n: int = 1
-    """Samples in the group."""
-    sampling: dict[str, Any] | None = None
-    """Overrides of the worker's sampling parameters for this request (e.g. greedy evaluation)."""
+from rollout.records import GroupRequest, GroupResult, Sample, pack, to_record
+from rollout.weight_sync import Bucket, join_group, receive
 
 
-@dataclass
-class Sample:
-    token_ids: list[int]
-    """Generated token ids (the stop token included when generation stopped on it)."""
-    logprobs: list[float]
-    """Log-prob of each generated token under the sampling distribution (temperature applied)."""
-    finish_reason: str
-    """"stop" (end of sequence) or "length" (hit max_tokens)."""
-
-
-@dataclass
-class GroupResult:
-    uid: str
-    worker: int
-    """Index of the worker that generated it."""
-    prompt_token_ids: list[int] = field(default_factory=list)
-    samples: list[Sample] = field(default_factory=list)
-    error: str | None = None
-    """Why the prompt could not be generated (bad image, prompt too long, …); samples are then empty."""
-    latency_s: float = 0.0
-    """Seconds from submission to the group's completion."""
-
-
-def _engine_env(kv_cache_gib: float) -> None:
+def engine_env(kv_cache_gib: float) -> None:
     # In-process engine: starts in seconds instead of a minute and lets us reach the model runner.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+
+
+def engine_kwargs(model_path: str, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
+                  tensor_parallel_size: int, gpu_memory_utilization: float, max_images_per_prompt: int) -> dict[str, Any]:
+    """`vllm.LLM` arguments of a rollout engine (also what launch/bench_rollout.py gives raw vLLM)."""
+    kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
+                  limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+                  # Sampled log-probs after temperature, as the learner computes them.
+                  logprobs_mode="processed_logprobs")
+    if tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = tensor_parallel_size
+    else:
+        kwargs["distributed_executor_backend"] = "uni"
+    if _has_cuda():
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    return kwargs
 
 
 class RolloutWorker:
@@ -73,21 +52,13 @@ class RolloutWorker:
                  max_model_len: int = 1024, seed: int = 0, kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, tensor_parallel_size: int = 1,
                  max_images_per_prompt: int = 1):
-        _engine_env(kv_cache_gib)
+        engine_env(kv_cache_gib)
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         self.index = index
-        kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed + index,
-                      enforce_eager=enforce_eager, limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
-                      # Sampled log-probs after temperature, as the learner computes them.
-                      logprobs_mode="processed_logprobs")
-        if tensor_parallel_size > 1:
-            kwargs["tensor_parallel_size"] = tensor_parallel_size
-        else:
-            kwargs["distributed_executor_backend"] = "uni"
-        if _has_cuda():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs = engine_kwargs(model_path, dtype, max_model_len, seed + index, enforce_eager, tensor_parallel_size,
+                               gpu_memory_utilization, max_images_per_prompt)
         self._sampling = dict(sampling, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
         self._sampling_cls = SamplingParams
         self._final_only = RequestOutputKind.FINAL_ONLY
@@ -120,8 +91,9 @@ class RolloutWorker:
             self._inbox.put(("generate", req))
         return len(self._submitted)
 
-    def collect(self, timeout_s: float = 1.0) -> list[GroupResult]:
-        """Finished groups; blocks until at least one is ready or `timeout_s` passes."""
+    def collect(self, timeout_s: float = 1.0) -> bytes:
+        """Finished groups as msgpack records (rollout/records.py); blocks until at least one is ready
+        or `timeout_s` passes."""
         out = []
         try:
             out.append(self._done.get(timeout=timeout_s))
@@ -130,7 +102,7 @@ class RolloutWorker:
         except queue.Empty:
             pass
         self._raise_if_dead()
-        return out
+        return pack([to_record(r) for r in out])
 
     def outstanding(self) -> list[str]:
         return list(self._submitted)
@@ -139,6 +111,15 @@ class RolloutWorker:
         """Loads new weights into the engine: `weights` is a {name: array} mapping in Hugging Face
         names, or a callable yielding (name, tensor) pairs. Runs between generations; returns seconds."""
         return self._call(lambda: self._load_weights(weights))
+
+    def join_weight_group(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> None:
+        """Joins the broadcast group of the weight source (rank 0); see rollout/weight_sync.py."""
+        self._weight_group = join_group(master_addr, master_port, rank, world_size, backend)
+
+    def receive_weights(self, plan: list[Bucket]) -> float:
+        """Receives one broadcast of the weights (bucket by bucket, loading as they arrive)."""
+        device = "cuda" if _has_cuda() else "cpu"
+        return self._call(lambda: self._load_weights(lambda: receive(self._weight_group, plan, device)))
 
     def prompt_logprobs(self, prompt: str, images: list[Image.Image]) -> tuple[list[int], list[float | None]]:
         """Log-prob of every prompt token given the ones before (None for the first): the engine's

@@ -6,6 +6,19 @@ from pathlib import Path
 
 import pytest
 
+# Triton decorates its own language helpers (tl.max, tl.sum, ...) when first imported, reading
+# TRITON_INTERPRET at that moment, and vLLM imports triton. The kernel tests run under the
+# interpreter, so triton is first imported here with it on, before any test module can import
+# vLLM; the variable is restored at once, so no other test, nor any process one starts, sees it.
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+import triton.language  # noqa: E402,F401
+
+if _saved_interpret is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _saved_interpret
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -45,12 +45,51 @@ def test_bad_keys_and_types_name_the_field(override, message):
     (["algorithm.overlong_buffer=64", "rollout.max_new_tokens=64"], ["algorithm.overlong_buffer"]),
     (["algorithm.dual_clip=0.5"], ["algorithm.dual_clip"]),
     (["rollout.prompts_per_step=6", "learner.mini_batches=4"], ["learner.mini_batches"]),
+    (["model.reference=false", "algorithm.kl_loss_coef=0.01"], ["model.reference", "algorithm.kl_loss_coef"]),
+    (["reward.functions=[{name: semantic, fn: judge_vllm}]"], ["reward.judge_model"]),
 ])
 def test_impossible_combinations_fail_at_start(overrides, fields):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     for field in fields:
         assert field in str(err.value)
+
+
+def test_base_files_merge_field_by_field(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("rollout:\n  group_size: 4\n  max_new_tokens: 2048\n"
+                                          "algorithm:\n  clip_high: 0.28\n")
+    (tmp_path / "small.yaml").write_text("base: recipe.yaml\nrollout:\n  max_new_tokens: 48\n")
+    cfg = load_config(str(tmp_path / "small.yaml"), ["rollout.group_size=6"])
+    assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.algorithm.clip_high) == (6, 48, 0.28)
+    assert cfg.trainer.run_name == "small"
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+RECIPES = {  # file -> what the seed recipe fixes (REFERENCE.md)
+    "patho_r1_grpo": dict(reference=True, loss_agg="seq_mean_token_mean", clip=(0.2, 0.2), dynamic=False,
+                          rewards=[("patho_r1_format", 0.1), ("mc_accuracy", 0.9)]),
+    "patho_r1_dapo": dict(reference=False, loss_agg="token_mean", clip=(0.2, 0.28), dynamic=True,
+                          rewards=[("mc_accuracy", 1.0)]),
+    "pathreasoner_grpo": dict(reference=True, loss_agg="seq_mean_token_mean", clip=(0.2, 0.2), dynamic=False,
+                              rewards=[("pathreasoner_format", 1.0), ("judge_vllm", 1.0), ("entity_dice", 0.5)]),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("suffix", ["", "_tiny"])
+def test_recipe_presets(recipe, suffix):
+    cfg = load_config(f"launch/configs/{recipe}{suffix}.yaml")
+    want = RECIPES[recipe]
+    a = cfg.algorithm
+    assert cfg.uses_reference == want["reference"]
+    assert (a.loss_agg, (a.clip_low, a.clip_high), a.dynamic_sampling) == (want["loss_agg"], want["clip"], want["dynamic"])
+    assert [(f.fn, f.weight) for f in cfg.reward.functions] == want["rewards"]
+    if recipe == "pathreasoner_grpo":
+        assert (cfg.rollout.group_size, a.kl_estimator, a.kl_reward_coef, a.kl_loss_coef) == (4, "k1", 0.05, 0.0)
+    if suffix:
+        assert cfg.model.path == "artifacts/tiny-qwen2.5-vl" and cfg.learner.num_gpus == 0
 
 
 def test_reference_model_only_when_some_kl_is_on():

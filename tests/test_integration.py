@@ -25,7 +25,7 @@ FIXED_RESPONSE = "<think>The brown membranes are DAB.</think><answer>A</answer>"
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="pathorl-test")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pathorl-test")
     yield
     ray.shutdown()
 
@@ -40,7 +40,7 @@ def test_train_sync_and_checkpoint(ray_session, tiny_model, demo_data, tmp_path)
         f"model.path={tiny_model}", f"data.train={demo_data}/train.jsonl", f"data.val={demo_data}/val.jsonl",
         f"trainer.output_dir={tmp_path}", "trainer.run_name=it", "trainer.steps=2", "trainer.eval_max_rows=4",
         "sft.steps=3", "sft.batch_size=4", "rollout.prompts_per_step=3", "rollout.group_size=4",
-        "rollout.max_new_tokens=24", "learner.lr=1e-3"])
+        "rollout.max_new_tokens=24", "rollout.temperature=1.0", "learner.lr=1e-3"])
     trainer = Trainer(cfg)
     try:
         worker = trainer.pool.workers[0]

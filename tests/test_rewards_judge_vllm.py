@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or impo
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="pathorl-test")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="pathorl-test")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
