@@ -111,7 +111,10 @@ def test_killed_worker_loses_and_duplicates_nothing(pool, prompts):
                              sampling={"max_tokens": 64, "ignore_eos": True}) for i in range(10)]
     pool.submit(requests)
     got = list(pool.results(timeout_s=300))
-    ray.kill(pool.workers[0])  # mid-generation: worker 0 still holds outstanding groups
+    # Mid-generation: kill the worker that still holds outstanding groups (the other may be done).
+    victim = max(range(pool.num_workers), key=lambda i: len(pool._outstanding[i]))
+    assert pool._outstanding[victim], "every group finished before the kill"
+    ray.kill(pool.workers[victim])
     while pool.outstanding:
         got += pool.results(timeout_s=600)
     counts = collections.Counter(r.uid for r in got)
