@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 
+from engine import algorithms as A
+from kernels import logprobs_from_hidden
+from rollout.weight_sync import join_group, send
+
 IMAGE_TOKEN_TYPE = 1
 COPY_FROM_MODEL_DIR = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                        "preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json",
@@ -147,8 +151,6 @@ class Learner:
 
     def _token_logprobs(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob, entropy) [N] of the response tokens under `model` (the temperature applied)."""
-        from kernels import logprobs_from_hidden
-
         inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("select", "targets")}
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
         rows, cols = batch["select"]
@@ -195,8 +197,6 @@ class Learner:
         return stats
 
     def _rl_loss(self, shard: Shard):
-        from engine import algorithms as A
-
         algo = self.algo
 
         def loss_fn(batch, logp, entropy, seqs):
@@ -294,14 +294,10 @@ class Learner:
         return [(k, tuple(v.shape), v.dtype) for k, v in self._export_tensors().items()]
 
     def join_weight_group(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str) -> None:
-        from rollout.weight_sync import join_group
-
         self._weight_group = join_group(master_addr, master_port, rank, world_size, backend)
 
     def broadcast_weights(self, plan: list) -> int:
         """Sends the policy to every engine of the weight group (rank 0 of that group)."""
-        from rollout.weight_sync import send
-
         return send(self._weight_group, self._export_tensors(), plan, str(self.device))
 
     def save(self, path: str) -> str:
