@@ -186,6 +186,7 @@ class PromptStream:
     skipped_solved: int = 0
 
     def _next_row(self) -> dict[str, Any]:
+        solved = None
         for _ in range(2 * len(self.rows) + 2):
             if self._pos >= len(self._order):
                 if self._order:
@@ -200,9 +201,13 @@ class PromptStream:
                 continue
             if self._solved_until.get(row["id"], -1) >= self.epoch:
                 self.skipped_solved += 1
+                solved = solved or row
                 continue
             return row
-        raise DataError("every row is bad or skipped as solved; nothing left to train on")
+        if solved is not None:  # every usable row is skipped as solved: serve them rather than stop
+            log.warning("pass-rate scheduling: every usable row is skipped as solved; serving them anyway")
+            return solved
+        raise DataError("every row is bad; nothing left to train on")
 
     def take(self, k: int) -> list[Prompt]:
         """The next k prompts."""

@@ -163,7 +163,7 @@ class GroupSampler:
             self._collect(timer, inflight, out, need)
         while inflight:  # groups already generating finish under the current weights and carry over
             self._collect(timer, inflight, out, need)
-        for g in out.groups:
+        for g in out.seen:  # every scored group: the all-right and all-wrong ones are those to skip
             accuracy = g.components.get(cfg.algorithm.filter_metric, [])
             self.stream.record_pass_rate(g.prompt.uid, [a for a in accuracy if a is not None])
         return out

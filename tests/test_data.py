@@ -95,3 +95,13 @@ def test_stream_epochs_cover_every_row_and_skip_solved(demo_data, processor):
     assert stream.epoch == 1 and first[0] not in second and sorted(second) == sorted(first[1:])
     third = [p.uid for p in stream.take(6)]
     assert sorted(third) == sorted(first) and stream.skipped_solved == 1
+
+
+def test_stream_serves_solved_rows_when_nothing_else_is_left(demo_data, processor):
+    rows, _ = load_rows(f"{demo_data}/val.jsonl")
+    rows = rows[:3]
+    stream = PromptStream(rows, PromptBuilder(processor, "sys", 512), seed=3, skip_solved_epochs=2)
+    for p in stream.take(3):
+        stream.record_pass_rate(p.uid, [0.0, 0.0])  # every row all wrong: all skipped next epochs
+    again = [p.uid for p in stream.take(3)]
+    assert sorted(again) == sorted(r["id"] for r in rows) and stream.skipped_solved >= 3

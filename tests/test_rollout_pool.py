@@ -84,7 +84,7 @@ def test_dynamic_sampling_drops_zero_variance_and_carries_surplus(pool, tiny_mod
         f"reward.functions=[{{name: accuracy, fn: '{reward_file}:parity'}}]"])
     processor = AutoProcessor.from_pretrained(tiny_model)
     rows, _ = load_rows(cfg.data.train)
-    stream = PromptStream(rows, PromptBuilder(processor, cfg.data.system_prompt, 512), seed=1)
+    stream = PromptStream(rows, PromptBuilder(processor, cfg.data.system_prompt, 512), seed=1, skip_solved_epochs=1)
     with RewardRunner([RewardSpec("accuracy", f"{reward_file}:parity")], num_workers=1) as rewards:
         sampler = GroupSampler(cfg, pool, stream, rewards, processor.tokenizer)
         first = sampler.sample(PhaseTimer())
@@ -100,6 +100,9 @@ def test_dynamic_sampling_drops_zero_variance_and_carries_surplus(pool, tiny_mod
     assert all(int(g.prompt.uid[-1]) % 2 == 0 or len(set(g.components["accuracy"])) == 1 for g in dropped)
     # Surplus qualified groups of step 1 are the first groups of step 2, not regenerated or lost.
     assert [g.result.uid for g in second.groups][:len(carried)] == carried[:3]
+    # Pass-rate-aware scheduling remembers exactly the zero-variance (all right / all wrong) prompts,
+    # which are the dropped ones: they are skipped next epoch.
+    assert set(stream._solved_until) == {g.prompt.uid for g in dropped}
     st = sampler.stats
     assert st.tokens_qualified + st.tokens_dropped == st.tokens_generated
     assert sampler.metrics()["dapo/filtered_frac"] == pytest.approx(st.tokens_dropped / st.tokens_generated)
