@@ -140,7 +140,7 @@ def run_pool(args: argparse.Namespace, prompts: list[tuple[str, list]], workers:
     cpus = os.cpu_count() or 1
     per_worker = max(1, cpus // workers)
     pool = RolloutPool(args.model, workers, sampling(args), dtype=args.dtype, max_model_len=args.max_model_len,
-                       num_cpus_per_worker=min(1.0, cpus / workers), num_gpus_per_worker=args.gpus_per_worker,
+                       num_cpus_per_worker=cpus / workers, num_gpus_per_worker=args.gpus_per_worker,
                        env_vars=None if args.gpus_per_worker else {"OMP_NUM_THREADS": str(per_worker)})
     try:
         pool.wait_ready()

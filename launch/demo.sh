@@ -32,5 +32,17 @@ for _ in $(seq 120); do
   sleep 1
 done
 
-ray job submit --address "http://127.0.0.1:$dashboard_port" -- python launch/rl.py --config "$config" "$@"
+address="http://127.0.0.1:$dashboard_port"
+# The dashboard can answer before its job agent is up ("No available agent to submit job"), so the
+# submission is retried under a fixed id; a retry never starts the job twice.
+job="pathorl-$(date +%Y%m%d-%H%M%S)"
+for _ in $(seq 30); do
+  ray job submit --address "$address" --submission-id "$job" --no-wait -- \
+    python launch/rl.py --config "$config" "$@" >/dev/null 2>&1 && break
+  ray job status --address "$address" "$job" >/dev/null 2>&1 && break
+  sleep 2
+done
+ray job logs --address "$address" --follow "$job"
+status=$(ray job status --address "$address" "$job" 2>&1 || true)
+[[ "$status" == *"Job '$job' succeeded"* ]] || { echo "$status" >&2; echo "demo: job $job did not succeed" >&2; exit 1; }
 python launch/summarize_run.py --config "$config" "$@"
