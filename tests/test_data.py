@@ -65,9 +65,9 @@ def test_patho_r1_prompt_with_image(dataset, processor):
     assert prompt.text.endswith("<|im_start|>assistant\n")
     # The processor expands the one placeholder to (grid patches / 2x2 merge) image tokens.
     grid = prompt.image_grid_thw
-    assert grid.tolist() == [[1, 8, 8]] and prompt.pixel_values.shape[0] == 64
-    assert prompt.prompt_ids.count(IMAGE_PAD) == 16
-    assert prompt.images[0].mode == "RGB" and prompt.images[0].size == (112, 112)
+    assert grid.tolist() == [[1, 16, 16]] and prompt.pixel_values.shape[0] == 256
+    assert prompt.prompt_ids.count(IMAGE_PAD) == 64
+    assert prompt.images[0].mode == "RGB" and prompt.images[0].size == (224, 224)
 
 
 def test_undecodable_image_and_long_prompt_are_skipped_or_fatal(dataset, processor):
