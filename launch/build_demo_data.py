@@ -18,9 +18,9 @@ answer: a policy that ignores the image scores at chance (1/2 and 1/3).
 Train and validation patches come from disjoint regions of each image (left 3/4 vs right 1/4).
 
 Why not "which slide/tissue is this": such questions were tried, and the tiny random-initialised
-model could not learn them from 112-pixel patches (the size used then) even with supervised labels (validation accuracy
-0.3 against 0.25 chance after 90 steps), while stain and glass are learnt; a demo must show RL
-working, so it asks what a small model can see.
+model could not learn them from 112-pixel patches (the size used then) even with supervised labels
+(validation accuracy 0.3 against 0.25 chance after 90 steps), while stain and glass are learnt; a
+demo must show RL working, so it asks what a small model can see.
 
     python launch/build_demo_data.py --out artifacts/demo-data
 writes train.jsonl, val.jsonl and images/*.png (rows follow the engine's dataset schema, README).

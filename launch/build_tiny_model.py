@@ -80,7 +80,6 @@ def tiny_config(hidden: int, layers: int) -> Qwen2_5_VLConfig:
             initializer_range=INIT_STD,
         ),
         tie_word_embeddings=True,
-        initializer_range=INIT_STD,
         image_token_id=151655,
         video_token_id=151656,
         vision_start_token_id=151652,
