@@ -221,9 +221,9 @@ class SFTConfig:
     lr: float = 1e-4
     """Learning rate of the warm-up."""
     batch_size: int = 16
-    """Examples per warm-up step."""
+    """Rows per warm-up step; each row gives one example per option."""
     response_template: str = "<think>{think}</think><answer>{answer}</answer>"
-    """Target response; {answer} is a uniformly random option's text, so the warm-up teaches the format,
+    """Target response; {answer} takes each option's text in turn, so the warm-up teaches the format,
     never the answers."""
     think: str = "I compare the stain and the tissue pattern with each option."
     """Text placed in {think}."""

@@ -233,8 +233,9 @@ class Trainer:
     # ---- SFT warm-up, evaluation ----
 
     def sft_warmup(self) -> None:
-        """Supervised warm-up on format examples: each target is the configured template with a
-        uniformly random option as the answer, so it teaches the output format, not the answers."""
+        """Supervised warm-up on format examples: each sampled row is trained once with every one of
+        its options as the answer, so it teaches the output format and, at its optimum, no preference
+        among a row's options (one random option per row adds image-answer noise that RL must undo)."""
         sft = self.cfg.sft
         if sft.steps <= 0:
             return
@@ -253,13 +254,14 @@ class Trainer:
                     except ValueError as e:
                         log.warning("sft: skipping bad row: %s", e)
                         continue
-                    text = sft.response_template.format(think=sft.think, answer=rng.choice(row["options"]))
                     image = -1
                     if prompt.pixel_values is not None:
                         images.append((prompt.pixel_values, prompt.image_grid_thw))
                         image = len(images) - 1
-                    seqs.append(Sequence(prompt_ids=prompt.prompt_ids, image=image,
-                                         response_ids=self.tokenizer(text)["input_ids"] + [eos]))
+                    for option in row["options"]:
+                        text = sft.response_template.format(think=sft.think, answer=option)
+                        seqs.append(Sequence(prompt_ids=prompt.prompt_ids, image=image,
+                                             response_ids=self.tokenizer(text)["input_ids"] + [eos]))
             with timer("update"):
                 stats = self.learners.sft_update(seqs, images, sft.lr)
             self.metrics.write({"stage": "sft", "sft_step": k, **stats, **timer.metrics()})

