@@ -40,6 +40,23 @@ from rollout.records import RolloutLog, to_record
 log = logging.getLogger("pathorl.trainer")
 
 
+def archive_previous_run(run_dir: str) -> str | None:
+    """Moves an earlier run's metrics.jsonl, rollouts/ and config.yaml under `run_dir` into
+    `run_dir/previous-<time>/` and returns that folder (None when there was no earlier run).
+    Without it a rerun under the same name appends to the old metrics and its summary mixes two runs;
+    moving rather than deleting keeps the earlier run's record."""
+    names = [n for n in ("metrics.jsonl", "rollouts", "config.yaml") if os.path.exists(os.path.join(run_dir, n))]
+    if "metrics.jsonl" not in names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(os.path.join(run_dir, "metrics.jsonl"))))
+    dest = os.path.join(run_dir, f"previous-{stamp}")
+    os.makedirs(dest)
+    for name in names:
+        os.replace(os.path.join(run_dir, name), os.path.join(dest, name))
+    log.warning("run folder %s held an earlier run: moved its %s to %s", run_dir, ", ".join(names), dest)
+    return dest
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         from transformers import AutoProcessor
@@ -47,6 +64,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
         os.makedirs(self.run_dir, exist_ok=True)
+        archive_previous_run(self.run_dir)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))

@@ -60,3 +60,27 @@ def test_log_inspect_and_export(tmp_path, tiny_model):
     responses = [json.loads(x) for x in open(tmp_path / "out" / "responses.jsonl")]
     assert len(rows) == len(responses) == 4 and rows[0] == row
     assert responses[1]["truncated"] is True and isinstance(responses[0]["response"], str)
+
+
+def test_rerun_under_same_name_archives_the_earlier_run(tmp_path):
+    """A second run in the same folder starts a fresh metrics log (its summary must not mix two
+    runs) and keeps the first run's metrics, rollouts and config intact under previous-<time>/."""
+    from engine.metrics import MetricsLog
+    from engine.trainer import archive_previous_run
+
+    run = tmp_path / "demo"
+    run.mkdir()
+    assert archive_previous_run(str(run)) is None
+    MetricsLog(str(run / "metrics.jsonl")).write({"step": 1, "reward/mean": 0.25})
+    RolloutLog(str(run / "rollouts")).write(1, [{**to_record(_result("a")), "step": 1}])
+    (run / "config.yaml").write_text("trainer: {steps: 1}\n")
+    (run / "model.safetensors").write_text("checkpoint")
+
+    dest = archive_previous_run(str(run))
+    MetricsLog(str(run / "metrics.jsonl")).write({"step": 1, "reward/mean": 0.75})
+
+    assert [json.loads(l)["reward/mean"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [0.75]
+    assert [json.loads(l)["reward/mean"] for l in open(f"{dest}/metrics.jsonl")] == [0.25]
+    assert [r["step"] for r in read(f"{dest}/rollouts")] == [1]
+    assert open(f"{dest}/config.yaml").read() == "trainer: {steps: 1}\n"
+    assert not (run / "rollouts").exists() and (run / "model.safetensors").read_text() == "checkpoint"
