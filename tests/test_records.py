@@ -1,5 +1,6 @@
 """Rollout records: the msgpack wire format round-trips exactly (log-probs at float32), and the
-on-disk log can be summarised, printed and exported for `python -m rewards check`."""
+on-disk log can be summarised, printed and exported for `python -m rewards check`; a rerun in the
+same run folder keeps the earlier run's records apart."""
 
 import json
 import subprocess
