@@ -3,7 +3,7 @@
 Shapes: B sequences (responses) in a step, grouped by prompt; N response tokens in a (micro-)batch,
 flattened. Everything here is plain torch, runs on CPU and is tested against hand-derived cases.
 
-    advantages = ADVANTAGES[cfg.advantage](rewards[B], group[B], eps)      -> [B]
+    advantages = ADVANTAGES[cfg.advantage](rewards[B], group[B], lengths[B], eps)  -> [B]
     loss_t, clipped = ppo_clip_loss(logp[N], old[N], adv[N], lo, hi, dual)  -> [N], [N]
     loss = (loss_t * token_weights(...)).sum()                              (global normaliser inside)
 """
@@ -18,7 +18,11 @@ import torch
 from kernels.reference import KL_ESTIMATORS
 from rewards import overlong_penalty
 
-ADVANTAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {}
+ADVANTAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]] = {}
+"""Advantage estimators by name. Each takes rewards [B] (NaN/inf: a failed reward), prompt-group ids
+[B], response lengths [B] (tokens; the population of token-level normalisations) and eps, and
+returns one advantage per response [B], broadcast over its tokens by the loss."""
+WHITEN_EPS = 1e-8
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
@@ -46,7 +50,7 @@ def _finite_or_zero(adv: torch.Tensor, rewards: torch.Tensor, valid: torch.Tenso
 
 
 @register_advantage("grpo")
-def grpo_advantage(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantage(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (r_i − mean_g) / (std_g + eps), std unbiased (n − 1) as in the GRPO paper and verl; a
     group of one sample gets 0 (no baseline to compare with). rewards [B], group [B] -> [B]."""
     r = rewards.double()
@@ -59,7 +63,8 @@ def grpo_advantage(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6
 
 
 @register_advantage("dr_grpo")
-def dr_grpo_advantage(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def dr_grpo_advantage(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor,
+                      eps: float = 1e-6) -> torch.Tensor:
     """Dr. GRPO: A_i = r_i − mean_g (no std division, which up-weights near-solved groups)."""
     r = rewards.double()
     size, _, mean = _group_stats(r, group)
@@ -67,7 +72,7 @@ def dr_grpo_advantage(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1
 
 
 @register_advantage("rloo")
-def rloo_advantage(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rloo_advantage(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RLOO: A_i = r_i − (Σ_g r − r_i)/(G − 1), the mean of the other samples; 0 for a group of one."""
     r = rewards.double()
     size, total, _ = _group_stats(r, group)
@@ -76,15 +81,25 @@ def rloo_advantage(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6
 
 
 @register_advantage("reinforce_pp_baseline")
-def reinforce_pp_baseline_advantage(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE++ with baseline: subtract the group mean, then divide by the std (unbiased) of
-    those centred rewards over the whole batch — robust when a group's rewards are nearly equal."""
+def reinforce_pp_baseline_advantage(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor,
+                                    eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ with baseline (arXiv 2501.03262; OpenRLHF `_normalize_advantages`, verl
+    `compute_reinforce_plus_plus_baseline_outcome_advantage`): x_i = r_i − mean_g, broadcast to the
+    response's |y_i| tokens, then whitened over ALL valid tokens of the step:
+
+        μ = Σ_i |y_i|·x_i / N,   σ² = Σ_i |y_i|·(x_i − μ)² / (N − 1),   A_i = (x_i − μ) / sqrt(σ² + 1e-8)
+
+    with N = Σ_i |y_i| (token-weighted, unbiased). A response with a non-finite reward or no tokens
+    takes no part and gets 0. `eps` is unused: the whitening constant is the anchors' 1e-8."""
     r = rewards.double()
-    size, _, mean = _group_stats(r, group)
-    finite = torch.isfinite(r)
-    centred = (r - mean)[finite]
-    std = centred.std() if centred.numel() > 1 else torch.zeros((), dtype=r.dtype)
-    return _finite_or_zero((r - mean) / (std + eps), r, size > 0).to(rewards.dtype)
+    _, _, mean = _group_stats(r, group)
+    valid = torch.isfinite(r) & (lengths > 0)
+    x = torch.where(valid, r - mean, torch.zeros_like(r))
+    n = torch.where(valid, lengths.double(), torch.zeros_like(r))
+    total = n.sum()
+    mu = (n * x).sum() / total.clamp(min=1)
+    var = (n * (x - mu) ** 2).sum() / (total - 1).clamp(min=1)
+    return torch.where(valid, (x - mu) / torch.sqrt(var + WHITEN_EPS), torch.zeros_like(r)).to(rewards.dtype)
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,

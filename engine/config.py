@@ -10,6 +10,7 @@ that span fields (e.g. KL on without a reference model) live in `Config.validate
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -53,6 +54,9 @@ class DataConfig:
     counted in `data/skipped`) or "fatal" (the run stops with the file, row and problem)."""
     shuffle: bool = True
     """Reshuffle the training rows every epoch (seeded by trainer.seed)."""
+    max_images_per_prompt: int = 1
+    """Most images one row may carry; the rollout engines reserve room for this many per prompt. A
+    row with more fails the start-up check, naming this field and the row."""
 
 
 @dataclass
@@ -66,7 +70,9 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; the learner divides its logits by the same value."""
     top_p: float = 1.0
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass. Only 1.0 is accepted: vLLM samples (and reports log-probs) from the
+    truncated distribution while the learner's log-probs use the full softmax, so top_p < 1 would
+    bias every importance ratio."""
     max_new_tokens: int = 64
     """Response length limit; responses stopped here are `truncated`."""
     seed: int = 0
@@ -78,7 +84,8 @@ class RolloutConfig:
     enforce_eager: bool = True
     """Skip vLLM's graph capture / compilation (faster start; compilation pays off on long runs)."""
     tensor_parallel_size: int = 1
-    """GPUs per engine (GPU clusters only)."""
+    """GPUs per engine. Only 1 for now: the in-process weight reload hands vLLM a generator of
+    tensors, which cannot be sent to the worker processes of a tensor-parallel engine."""
     num_cpus_per_worker: float = 1.0
     """Ray CPUs reserved by each engine."""
     cpu_threads: int = 0
@@ -247,6 +254,10 @@ class TrainerConfig:
     """HF checkpoint every N steps (0: only the final one)."""
     log_rollouts: bool = True
     """Write each step's rollout records (msgpack) under <run>/rollouts/."""
+    placement_timeout_s: float = 300.0
+    """Longest wait for the Ray cluster to grant the rollout and learner placement groups; past it
+    the run stops naming the resources it could not get (a cluster that lacks them altogether is
+    refused at once)."""
 
 
 @dataclass
@@ -261,9 +272,20 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> None:
-        """Fails on field combinations that cannot work, naming the fields."""
+        """Fails on values and field combinations that cannot work, naming the fields. Pure: the
+        file system, the hardware and the cluster are checked by engine/preflight.py."""
         a, r = self.algorithm, self.rollout
-        problems = []
+        problems = _range_problems(self) + _choice_problems(self)
+        if r.top_p != 1.0:
+            problems.append(f"rollout.top_p={r.top_p}: only 1.0 is supported (vLLM's log-probs come from the "
+                            "truncated distribution, the learner's from the full softmax: every ratio would be biased)")
+        if r.tensor_parallel_size != 1:
+            problems.append(f"rollout.tensor_parallel_size={r.tensor_parallel_size}: only 1 is supported (the weight "
+                            "reload passes a tensor generator, which cannot reach tensor-parallel worker processes)")
+        if self.data.max_prompt_tokens + r.max_new_tokens > self.model.max_model_len:
+            problems.append(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
+                            f"({r.max_new_tokens}) > model.max_model_len ({self.model.max_model_len}): a long prompt "
+                            "could not be generated to the full length")
         if a.clip_low < 0 or a.clip_high < 0:
             problems.append(f"algorithm.clip_low ({a.clip_low}) and algorithm.clip_high ({a.clip_high}) must be >= 0")
         if a.clip_high < a.clip_low:
@@ -295,14 +317,6 @@ class Config:
         if r.prompts_per_step % self.learner.mini_batches:
             problems.append(f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of "
                             f"learner.mini_batches ({self.learner.mini_batches})")
-        if self.data.bad_rows not in ("skip", "fatal"):
-            problems.append(f"data.bad_rows must be 'skip' or 'fatal', got {self.data.bad_rows!r}")
-        if self.reward.on_error not in ("exclude", "fallback", "raise"):
-            problems.append(f"reward.on_error must be 'exclude', 'fallback' or 'raise', got {self.reward.on_error!r}")
-        if r.weight_sync not in ("auto", "object_store", "broadcast"):
-            problems.append(f"rollout.weight_sync must be 'auto', 'object_store' or 'broadcast', got {r.weight_sync!r}")
-        if self.model.dtype not in ("float32", "bfloat16"):
-            problems.append(f"model.dtype must be 'float32' or 'bfloat16', got {self.model.dtype!r}")
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -318,6 +332,69 @@ class Config:
 
 class ConfigError(ValueError):
     """A configuration that cannot be loaded or cannot work."""
+
+
+def _choice_problems(cfg: Config) -> list[str]:
+    """Enumerated fields outside their choices."""
+    from engine.algorithms import ADVANTAGES, LOSS_AGGREGATIONS
+    from kernels.dispatch import BACKENDS
+    from kernels.reference import KL_ESTIMATORS
+
+    choices = {
+        "algorithm.advantage": (cfg.algorithm.advantage, sorted(ADVANTAGES)),
+        "algorithm.loss_agg": (cfg.algorithm.loss_agg, LOSS_AGGREGATIONS),
+        "algorithm.kl_estimator": (cfg.algorithm.kl_estimator, sorted(KL_ESTIMATORS)),
+        "learner.logprob_backend": (cfg.learner.logprob_backend, BACKENDS),
+        "data.bad_rows": (cfg.data.bad_rows, ("skip", "fatal")),
+        "reward.on_error": (cfg.reward.on_error, ("exclude", "fallback", "raise")),
+        "rollout.weight_sync": (cfg.rollout.weight_sync, ("auto", "object_store", "broadcast")),
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+    }
+    return [f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+            for name, (value, allowed) in choices.items() if value not in allowed]
+
+
+def _range_problems(cfg: Config) -> list[str]:
+    """Numbers outside the range where they mean something."""
+    at_least = {  # field: (value, minimum)
+        "trainer.steps": (cfg.trainer.steps, 0), "trainer.eval_every": (cfg.trainer.eval_every, 0),
+        "trainer.save_every": (cfg.trainer.save_every, 0), "trainer.eval_max_rows": (cfg.trainer.eval_max_rows, 1),
+        "sft.steps": (cfg.sft.steps, 0), "sft.batch_size": (cfg.sft.batch_size, 1),
+        "rollout.num_workers": (cfg.rollout.num_workers, 1), "rollout.group_size": (cfg.rollout.group_size, 1),
+        "rollout.prompts_per_step": (cfg.rollout.prompts_per_step, 1),
+        "rollout.max_new_tokens": (cfg.rollout.max_new_tokens, 1), "rollout.cpu_threads": (cfg.rollout.cpu_threads, 0),
+        "learner.num_ranks": (cfg.learner.num_ranks, 1), "learner.micro_batch_size": (cfg.learner.micro_batch_size, 1),
+        "learner.torch_threads": (cfg.learner.torch_threads, 1), "learner.num_gpus": (cfg.learner.num_gpus, 0),
+        "learner.grad_clip": (cfg.learner.grad_clip, 0), "learner.weight_decay": (cfg.learner.weight_decay, 0),
+        "reward.num_workers": (cfg.reward.num_workers, 1), "reward.judge_num_cpus": (cfg.reward.judge_num_cpus, 0),
+        "data.max_images_per_prompt": (cfg.data.max_images_per_prompt, 1),
+        "data.max_prompt_tokens": (cfg.data.max_prompt_tokens, 1), "model.max_model_len": (cfg.model.max_model_len, 2),
+        "rollout.num_cpus_per_worker": (cfg.rollout.num_cpus_per_worker, 0), "learner.num_cpus": (cfg.learner.num_cpus, 0),
+    }
+    problems = [f"{name} must be >= {low}, got {value}" for name, (value, low) in at_least.items() if value < low]
+    positive = {
+        "rollout.temperature": cfg.rollout.temperature, "learner.lr": cfg.learner.lr, "sft.lr": cfg.sft.lr,
+        "reward.timeout_s": cfg.reward.timeout_s, "rollout.kv_cache_gib": cfg.rollout.kv_cache_gib,
+        "rollout.weight_sync_bucket_mb": cfg.rollout.weight_sync_bucket_mb, "algorithm.adv_eps": cfg.algorithm.adv_eps,
+        "trainer.placement_timeout_s": cfg.trainer.placement_timeout_s,
+    }
+    problems += [f"{name} must be a finite number > 0, got {value}" for name, value in positive.items()
+                 if not (math.isfinite(value) and value > 0)]
+    if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
+        problems.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization}")
+    if len(cfg.learner.betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.betas):
+        problems.append(f"learner.betas must be two numbers in [0, 1), got {cfg.learner.betas}")
+    for i, f in enumerate(cfg.reward.functions):
+        if not f.name or not f.fn:
+            problems.append(f"reward.functions[{i}]: name and fn are both required, got name={f.name!r} fn={f.fn!r}")
+        if f.timeout_s is not None and not f.timeout_s > 0:
+            problems.append(f"reward.functions[{i}].timeout_s must be > 0 or null, got {f.timeout_s}")
+    names = [f.name for f in cfg.reward.functions]
+    if len(set(names)) != len(names):
+        problems.append(f"reward.functions: component names must be unique, got {names}")
+    if not cfg.reward.functions:
+        problems.append("reward.functions is empty: a run needs at least one reward")
+    return problems
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:

@@ -224,6 +224,14 @@ class PromptStream:
                 self._bad.add(row["id"])
         return out
 
+    def mark_failed(self, uid: str, problem: str) -> None:
+        """A row the engines could not generate for: counted in `data/skipped` with its cause and
+        never served again (with data.bad_rows=fatal the run stops)."""
+        if self.bad_rows == "fatal":
+            raise DataError(problem)
+        self.skipped.append(problem)
+        self._bad.add(uid)
+
     def record_pass_rate(self, uid: str, accuracy: list[float]) -> None:
         if self.skip_solved_epochs > 0 and accuracy and len(set(accuracy)) == 1:
             self._solved_until[uid] = self.epoch + self.skip_solved_epochs

@@ -10,18 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import Config
 from engine.learner import Learner, Sequence, Shard
+from rollout.placement import reserve
 
 
 def split_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
     """Indices of sequences per rank: each rank gets the same number of sequences (±1), assigned
-    longest-first to the rank with the fewest tokens among those with room (balanced compute)."""
-    if len(lengths) < world_size:
-        raise ValueError(f"{len(lengths)} sequences cannot feed {world_size} learner ranks")
+    longest-first to the rank with the fewest tokens among those with room (balanced compute). With
+    fewer sequences than ranks the last ranks get none (fine for log-prob passes; an update needs
+    one per rank, see `split_mini_batches`)."""
     capacity = [len(lengths) // world_size + (1 if r < len(lengths) % world_size else 0) for r in range(world_size)]
     ranks: list[list[int]] = [[] for _ in range(world_size)]
     tokens = [0] * world_size
@@ -47,14 +48,34 @@ def make_shards(sequences: list[Sequence], images: list[Any], world_size: int, m
     return shards
 
 
+def split_mini_batches(group_ids: list[int], k: int, min_size: int) -> list[list[int]]:
+    """Indices of the step's sequences per PPO mini-batch: whole prompt groups (`group_ids` [B]) dealt
+    round-robin into `k` mini-batches. Empty ones are dropped and one with fewer than `min_size`
+    sequences (the learner ranks: each must get one) is merged into its neighbour, so a thin step —
+    dynamic sampling at its cap, bad rows — trains on the mini-batches that exist. Returns [] when
+    the whole step has fewer than `min_size` sequences."""
+    groups = sorted(set(group_ids))
+    parts = [set(groups[j::k]) for j in range(k)]
+    dealt = [[i for i, g in enumerate(group_ids) if g in part] for part in parts]
+    merged: list[list[int]] = []
+    pending: list[int] = []
+    for mb in dealt:
+        pending += mb
+        if len(pending) >= min_size:
+            merged.append(sorted(pending))
+            pending = []
+    if pending and merged:
+        merged[-1] = sorted(merged[-1] + pending)
+    return merged
+
+
 class LearnerGroup:
     def __init__(self, cfg: Config):
         lc = cfg.learner
         self.world_size = lc.num_ranks
         self.micro_batch_size = lc.micro_batch_size
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
-        self._pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        ray.get(self._pg.ready())
+        self._pg = reserve([bundle] * lc.num_ranks, "learner ranks", cfg.trainer.placement_timeout_s)
         actor = ray.remote(Learner)
         self.ranks = [
             actor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
@@ -87,6 +108,10 @@ class LearnerGroup:
 
     def update(self, mini_batches: list[list[Sequence]], images: list[Any]) -> dict[str, float]:
         """One RL step over the given PPO mini-batches; returns statistics summed over ranks."""
+        thin = [len(mb) for mb in mini_batches if len(mb) < self.world_size]
+        if thin or not mini_batches:
+            raise ValueError(f"every PPO mini-batch needs at least one sequence per learner rank "
+                             f"({self.world_size}); got mini-batches of {[len(mb) for mb in mini_batches]}")
         per_rank = [[] for _ in self.ranks]
         for mb in mini_batches:
             for r, shard in enumerate(self._shards(mb, images)):

@@ -37,6 +37,11 @@ class ScoredGroup:
     scores: list[float | None]
     """Reward per sample; None = excluded after a reward error."""
     components: dict[str, list[float | None]]
+    step: int = 0
+    """The RL step whose weights generated the group (it may be trained at a later step)."""
+    old_logprobs: dict[int, list[float]] = field(default_factory=dict)
+    """Sample index -> its log-probs under the generating policy, recorded for a group that carries
+    over, before the update that makes its policy stale (π_old of the PPO ratio)."""
 
     @property
     def response_tokens(self) -> int:
@@ -78,6 +83,7 @@ class GroupSampler:
         self.stats = SamplingStats()
         self.carry: list[ScoredGroup] = []
         self._uid = 0
+        self._step = 0
 
     def submit(self, prompts: list[Prompt], n: int, sampling: dict | None = None) -> dict[str, Prompt]:
         """Sends prompts to the pool; returns them by request uid (row id + a counter, unique)."""
@@ -102,13 +108,14 @@ class GroupSampler:
                 log.warning(msg)
                 out.generation_errors.append(msg)
                 out.failed.append((prompt, res))
+                self.stream.mark_failed(prompt.uid, msg)
                 continue
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in res.samples]
             row = {k: v for k, v in prompt.row.items() if not k.startswith("_")}
             for s, text in zip(res.samples, texts):
                 inputs.append(RewardInput.from_row(len(inputs), row, text, s.token_ids,
                                                    truncated=s.finish_reason == "length"))
-            groups.append(ScoredGroup(prompt, res, texts, [], {}))
+            groups.append(ScoredGroup(prompt, res, texts, [], {}, step=self._step))
         if not inputs:
             return []
         batch = self.rewards.score(inputs)
@@ -134,9 +141,11 @@ class GroupSampler:
         values = torch.tensor([math.nan if m is None else m for m in metric], dtype=torch.float64)
         return not bool(A.zero_variance_groups(values, torch.zeros(len(values), dtype=torch.long))[0])
 
-    def sample(self, timer: PhaseTimer) -> StepRollout:
-        """Streams groups until the step has `prompts_per_step` qualified ones."""
+    def sample(self, timer: PhaseTimer, step: int) -> StepRollout:
+        """Streams groups until the step has `prompts_per_step` qualified ones (carried-over groups
+        first); groups generated now are stamped with `step`."""
         cfg, st, out = self.cfg, self.stats, StepRollout()
+        self._step = step
         need, n = cfg.rollout.prompts_per_step, cfg.rollout.group_size
         dynamic = cfg.algorithm.dynamic_sampling
         out.groups, self.carry = self.carry[:need], self.carry[need:]

@@ -2,7 +2,8 @@
 
     rollout → reward → filter      streamed: groups are scored and filtered as each completes, and
                                    freed capacity is refilled with new prompts (dynamic sampling)
-    old/ref log-probs              learner passes, only when some KL or several updates need them
+    old/ref log-probs              learner passes, only when some KL or several updates need them,
+                                   and π_old of groups that carry over to a later step
     advantages                     pure functions of the group rewards (engine/algorithms.py)
     update                         DeepSpeed learner ranks
     weight sync                    learner → every vLLM engine
@@ -27,10 +28,11 @@ import yaml
 
 from engine import algorithms as A
 from engine.config import Config, to_dict
-from engine.data import PromptBuilder, PromptStream, load_rows
+from engine.data import PromptBuilder, PromptStream
 from engine.learner import Sequence
-from engine.learner_group import LearnerGroup
+from engine.learner_group import LearnerGroup, split_mini_batches
 from engine.metrics import MetricsLog, PhaseTimer, mean
+from engine.preflight import RunData, check_cluster, preflight
 from engine.sampler import GroupSampler, ScoredGroup, StepRollout
 from rewards import RewardRunner, RewardSpec
 from rewards.judge import start_judge_actor
@@ -58,10 +60,14 @@ def archive_previous_run(run_dir: str) -> str | None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, data: RunData | None = None):
+        """`data`: what `preflight(cfg)` returned (run here when None). Every check runs before the
+        run folder is touched: an earlier run's records move aside only for a run that can start."""
         from transformers import AutoProcessor
 
         self.cfg = cfg
+        data = data or preflight(cfg)
+        check_cluster(cfg, ray.cluster_resources())
         self.run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
         os.makedirs(self.run_dir, exist_ok=True)
         archive_previous_run(self.run_dir)
@@ -71,10 +77,9 @@ class Trainer:
         self.processor = AutoProcessor.from_pretrained(cfg.model.path)
         self.tokenizer = self.processor.tokenizer
         self.builder = PromptBuilder(self.processor, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
-        rows, skipped = load_rows(cfg.data.train, cfg.data.bad_rows)
-        self.stream = PromptStream(rows, self.builder, cfg.data.bad_rows, cfg.trainer.seed, cfg.data.shuffle,
-                                   cfg.algorithm.skip_solved_epochs, skipped=list(skipped))
-        self.val_rows = load_rows(cfg.data.val, cfg.data.bad_rows)[0] if cfg.data.val else []
+        self.stream = PromptStream(data.train, self.builder, cfg.data.bad_rows, cfg.trainer.seed, cfg.data.shuffle,
+                                   cfg.algorithm.skip_solved_epochs, skipped=list(data.skipped))
+        self.val_rows = data.val
         self.judge = None
         if cfg.reward.judge_model:
             # The judge_vllm reward runs in worker processes that join this cluster through RAY_ADDRESS.
@@ -99,7 +104,8 @@ class Trainer:
             env_vars=None if cfg.learner.num_gpus else {"OMP_NUM_THREADS": str(r.cpu_threads or os.cpu_count())},
             weight_transport=r.weight_sync if r.weight_sync != "auto" else (
                 "broadcast" if cfg.learner.num_gpus else "object_store"),
-            bucket_mb=r.weight_sync_bucket_mb)
+            bucket_mb=r.weight_sync_bucket_mb, max_images_per_prompt=cfg.data.max_images_per_prompt,
+            placement_timeout_s=cfg.trainer.placement_timeout_s)
         self.learners = LearnerGroup(cfg)
         self.pool.wait_ready()
         self.learners.wait_ready()
@@ -110,7 +116,8 @@ class Trainer:
 
     def _sequences(self, groups: list[ScoredGroup]) -> tuple[list[Sequence], list[Any], list[tuple[int, int]], list[float]]:
         """Sequences of the samples that have a reward, the images, (group, sample) per sequence, and
-        each sequence's shaped reward."""
+        each sequence's shaped reward. A carried-over group's sequences bring their generating
+        policy's log-probs."""
         algo, r = self.cfg.algorithm, self.cfg.rollout
         seqs, images, origin, rewards = [], [], [], []
         for gi, g in enumerate(groups):
@@ -126,7 +133,7 @@ class Trainer:
                     shaped += float(A.overlong_shaping(torch.tensor([len(sample.token_ids)]), r.max_new_tokens,
                                                        algo.overlong_buffer, algo.overlong_factor)[0])
                 seqs.append(Sequence(prompt_ids=g.result.prompt_token_ids, response_ids=sample.token_ids, image=image,
-                                     rollout_logprobs=sample.logprobs))
+                                     rollout_logprobs=sample.logprobs, old_logprobs=g.old_logprobs.get(si)))
                 origin.append((gi, si))
                 rewards.append(shaped)
         return seqs, images, origin, rewards
@@ -140,12 +147,22 @@ class Trainer:
                                                        algo.kl_estimator).sum()) for s in seqs], dtype=torch.float64)
             r = r - algo.kl_reward_coef * seq_kl
             stats["kl_reward/mean"] = float(seq_kl.mean())
-        adv = A.ADVANTAGES[algo.advantage](r, torch.tensor([g for g, _ in origin]), algo.adv_eps)
+        lengths = torch.tensor([len(s.response_ids) for s in seqs])
+        adv = A.ADVANTAGES[algo.advantage](r, torch.tensor([g for g, _ in origin]), lengths, algo.adv_eps)
         for s, a in zip(seqs, adv.tolist()):
             s.advantage = a
         stats["advantage/mean"] = float(adv.mean())
         stats["advantage/abs_mean"] = float(adv.abs().mean())
         return stats
+
+    def _keep_generating_policy(self, groups: list[ScoredGroup]) -> None:
+        """Records π_old for groups that will be trained at a later step, while the learner still
+        holds the weights that generated them (the update about to run would make them stale)."""
+        pending = [g for g in groups if not g.old_logprobs]
+        seqs, images, origin, _ = self._sequences(pending)
+        if seqs:
+            for (gi, si), lp in zip(origin, self.learners.compute_logprobs(seqs, images, "old")):
+                pending[gi].old_logprobs[si] = lp
 
     # ---- the loop ----
 
@@ -158,7 +175,7 @@ class Trainer:
         for step in range(1, cfg.trainer.steps + 1):
             timer = PhaseTimer()
             t_step = time.perf_counter()
-            rollout = self.sampler.sample(timer)
+            rollout = self.sampler.sample(timer, step)
             if self.rollout_log:
                 with timer("log"):
                     self.rollout_log.write(step, self._records(step, rollout))
@@ -170,21 +187,28 @@ class Trainer:
                 if seqs and cfg.uses_reference:
                     for s, lp in zip(seqs, self.learners.compute_logprobs(seqs, images, "ref")):
                         s.ref_logprobs = lp
-                if seqs and (cfg.algorithm.kl_reward_coef > 0 or cfg.learner.mini_batches > 1 or cfg.learner.epochs > 1):
-                    for s, lp in zip(seqs, self.learners.compute_logprobs(seqs, images, "old")):
+                fresh = [s for s in seqs if s.old_logprobs is None]
+                if fresh and (cfg.algorithm.kl_reward_coef > 0 or cfg.learner.mini_batches > 1 or cfg.learner.epochs > 1):
+                    for s, lp in zip(fresh, self.learners.compute_logprobs(fresh, images, "old")):
                         s.old_logprobs = lp
+                self._keep_generating_policy(self.sampler.carry)
             with timer("advantages"):
                 adv_stats = self._advantages(seqs, origin, rewards) if seqs else {}
             stats: dict[str, float] = {}
-            if len(train) >= self.learners.world_size:
+            mini_batches = self._mini_batches(step, train, origin, seqs)
+            if mini_batches:
                 with timer("update"):
-                    stats = self.learners.update(self._mini_batches(train, origin, seqs), images)
+                    stats = self.learners.update(mini_batches, images)
+                stats["learner/mini_batches"] = float(len(mini_batches))
+                stats["learner/sequences"] = float(len(train))
                 self.sampler.stats.tokens_trained += sum(len(s.response_ids) for s in train)
             else:
-                log.warning("step %d: only %d sequences to train on; update skipped", step, len(train))
+                log.warning("step %d: only %d sequences to train on (learner.num_ranks=%d); update skipped", step,
+                            len(train), self.learners.world_size)
             with timer("weight_sync"):
                 self.sync_weights()
-            record = {"stage": "rl", "step": step, **self._rollout_metrics(rollout), **adv_stats, **stats}
+            record = {"stage": "rl", "step": step, **self._rollout_metrics(rollout), **adv_stats, **stats,
+                      **_staleness(step, rollout.groups)}
             if (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0) or step == cfg.trainer.steps:
                 with timer("eval"):
                     record.update(self.evaluate())
@@ -216,14 +240,16 @@ class Trainer:
             records.append(rec)
         return records
 
-    def _mini_batches(self, train: list[Sequence], origin, seqs) -> list[list[Sequence]]:
-        """Splits the step's sequences into PPO mini-batches along prompt groups."""
-        k = self.cfg.learner.mini_batches
-        if k == 1:
-            return [train]
+    def _mini_batches(self, step: int, train: list[Sequence], origin, seqs) -> list[list[Sequence]]:
+        """The step's sequences as PPO mini-batches along prompt groups (fewer than configured when
+        the step is thin; none when it cannot feed every learner rank)."""
         group_of = {id(s): g for s, (g, _) in zip(seqs, origin)}
-        groups = sorted({group_of[id(s)] for s in train})
-        return [[s for s in train if group_of[id(s)] in groups[i::k]] for i in range(k)]
+        split = split_mini_batches([group_of[id(s)] for s in train], self.cfg.learner.mini_batches,
+                                   self.learners.world_size)
+        if split and len(split) < self.cfg.learner.mini_batches:
+            log.warning("step %d: %d sequences fill %d of learner.mini_batches=%d PPO mini-batches; training on "
+                        "those", step, len(train), len(split), self.cfg.learner.mini_batches)
+        return [[train[i] for i in idx] for idx in split]
 
     def _rollout_metrics(self, rollout: StepRollout) -> dict[str, float]:
         samples = [(s, sc) for g in rollout.seen for s, sc in zip(g.result.samples, g.scores)]
@@ -313,6 +339,12 @@ class Trainer:
         self.rewards.close()
         self.pool.shutdown()
         self.learners.shutdown()
+
+
+def _staleness(step: int, groups: list[ScoredGroup]) -> dict[str, float]:
+    """Steps between generation and this update over the trained groups (0: on-policy)."""
+    ages = [step - g.step for g in groups]
+    return {"staleness/mean": mean(ages), "staleness/max": float(max(ages))} if ages else {}
 
 
 def _fmt(x: Any) -> str:

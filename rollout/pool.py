@@ -23,9 +23,10 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rollout.placement import reserve
 from rollout.records import GroupRequest, GroupResult, from_record, unpack
 from rollout.weight_sync import plan_buckets
 from rollout.worker import RolloutWorker
@@ -39,7 +40,8 @@ class RolloutPool:
                  max_model_len: int = 1024, seed: int = 0, kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, tensor_parallel_size: int = 1,
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0, env_vars: dict | None = None,
-                 weight_transport: str = "object_store", bucket_mb: float = 256.0):
+                 weight_transport: str = "object_store", bucket_mb: float = 256.0, max_images_per_prompt: int = 1,
+                 placement_timeout_s: float = 300.0):
         if weight_transport not in TRANSPORTS:
             raise ValueError(f"weight transport must be one of {TRANSPORTS}, got {weight_transport!r}")
         self.num_workers = num_workers
@@ -48,12 +50,12 @@ class RolloutPool:
         bundle = {"CPU": num_cpus_per_worker}
         if num_gpus_per_worker:
             bundle["GPU"] = num_gpus_per_worker * tensor_parallel_size
-        self._pg = placement_group([bundle] * num_workers, strategy="PACK")
-        ray.get(self._pg.ready())
+        self._pg = reserve([bundle] * num_workers, "rollout workers", placement_timeout_s)
         self._worker_kwargs = dict(model_path=model_path, sampling=sampling, dtype=dtype, max_model_len=max_model_len,
                                    seed=seed, kv_cache_gib=kv_cache_gib,
                                    gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                                   tensor_parallel_size=tensor_parallel_size)
+                                   tensor_parallel_size=tensor_parallel_size,
+                                   max_images_per_prompt=max_images_per_prompt)
         self._actor_options = dict(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker * tensor_parallel_size,
                                    max_concurrency=4, runtime_env={"env_vars": dict(env_vars or {})})
         self.workers = [self._start(i) for i in range(num_workers)]

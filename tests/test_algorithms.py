@@ -11,7 +11,7 @@ import torch
 from engine import algorithms as A
 
 
-def _reference_advantages(name, rewards, groups):
+def _reference_advantages(name, rewards, groups, lengths):
     """Loop-over-groups fp64 reference; non-finite rewards take no part and get 0."""
     out = [0.0] * len(rewards)
     by_group = {}
@@ -33,9 +33,11 @@ def _reference_advantages(name, rewards, groups):
             else:
                 out[i] = rewards[i] - mean
                 centred_all.append(out[i])
-    if name == "reinforce_pp_baseline":
-        std = statistics.stdev(centred_all)
-        out = [a / (std + 1e-6) for a in out]
+    if name == "reinforce_pp_baseline":  # each response's value repeated on each of its tokens
+        tokens = [out[i] for i in range(len(out)) if math.isfinite(rewards[i]) for _ in range(lengths[i])]
+        mu, var = statistics.fmean(tokens), statistics.variance(tokens)
+        out = [(a - mu) / math.sqrt(var + 1e-8) if math.isfinite(r) and n else 0.0
+               for a, r, n in zip(out, rewards, lengths)]
     return out
 
 
@@ -48,8 +50,9 @@ def test_advantages_match_reference_with_edge_cases(name):
     rewards[12] = float("nan")       # a failed reward inside a group
     rewards[39] = float("inf")
     groups[30:35] = torch.arange(100, 105)   # five groups of size 1
-    got = A.ADVANTAGES[name](rewards, groups, 1e-6)
-    want = _reference_advantages(name, rewards.tolist(), groups.tolist())
+    lengths = (torch.arange(40) * 7) % 13 + 1  # ragged
+    got = A.ADVANTAGES[name](rewards, groups, lengths, 1e-6)
+    want = _reference_advantages(name, rewards.tolist(), groups.tolist(), lengths.tolist())
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-9)
     assert torch.isfinite(got).all()
     if name != "reinforce_pp_baseline":
@@ -57,9 +60,30 @@ def test_advantages_match_reference_with_edge_cases(name):
 
 
 def test_grpo_hand_case():
-    adv = A.ADVANTAGES["grpo"](torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long), 0.0)
+    adv = A.ADVANTAGES["grpo"](torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long),
+                               torch.tensor([3, 1, 2, 5]), 0.0)
     # mean 0.5, unbiased std sqrt(1/3): (±0.5)·sqrt(3)
     assert torch.allclose(adv, torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 * math.sqrt(3))
+
+
+def test_reinforce_pp_baseline_hand_case_with_ragged_lengths():
+    """Two groups: rewards (1, 0) and (1, 1, 0), response lengths (1, 3) and (2, 2, 4).
+    Centred by group: x = (0.5, −0.5) and (1/3, 1/3, −2/3). Repeated on 12 tokens:
+        Σ n·x = 0.5 − 1.5 + 2/3 + 2/3 − 8/3 = −7/3,   μ = −7/36
+        Σ n·x² = 0.25 + 0.75 + 2/9 + 2/9 + 16/9 = 29/9
+        Σ n·(x − μ)² = 29/9 − 12·μ² = 29/9 − 49/108 = 299/108,   σ² = 299/1188 (N − 1 = 11)
+    so A = (x + 7/36) / sqrt(299/1188 + 1e-8). Whitening per response (each counted once) gives
+    other values: the short wrong answer in group 1 would not weigh 3 tokens."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    group = torch.tensor([0, 0, 1, 1, 1])
+    lengths = torch.tensor([1, 3, 2, 2, 4])
+    x = torch.tensor([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3], dtype=torch.float64)
+    want = (x + 7 / 36) / math.sqrt(299 / 1188 + 1e-8)
+    got = A.ADVANTAGES["reinforce_pp_baseline"](rewards, group, lengths, 1e-6)
+    assert torch.allclose(got, want, atol=1e-12)
+    # token-weighted: the whitened values have zero mean over tokens, not over responses
+    assert float((got * lengths).sum()) == pytest.approx(0.0, abs=1e-12)
+    assert float(got.sum()) != pytest.approx(0.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("ratio, adv, lo, hi, dual, loss, clipped", [

@@ -67,7 +67,7 @@ def test_base_files_merge_field_by_field(tmp_path):
         load_config(str(tmp_path / "loop.yaml"))
 
 
-RECIPES = {  # file -> what the seed recipe fixes (REFERENCE.md)
+RECIPES = {  # file -> what the seed recipe fixes (docs/algorithms.md)
     "patho_r1_grpo": dict(reference=True, loss_agg="seq_mean_token_mean", clip=(0.2, 0.2), dynamic=False,
                           rewards=[("patho_r1_format", 0.1), ("mc_accuracy", 0.9)]),
     "patho_r1_dapo": dict(reference=False, loss_agg="token_mean", clip=(0.2, 0.28), dynamic=True,

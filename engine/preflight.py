@@ -1,0 +1,139 @@
+"""Start-up checks that read the file system, the data and the hardware.
+
+`load_config` has already checked every field on its own (engine/config.py). These run next, before
+anything in the run folder is moved or written and before Ray, vLLM or DeepSpeed start, so a bad
+path, a missing file or a dataset the engines cannot take ends the run at once with a message that
+names the field or file; `check_cluster` then tests the Ray cluster's resources before any actor is
+placed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import Config, ConfigError
+from engine.data import load_rows
+
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+@dataclass
+class RunData:
+    """The validated rows of a run."""
+
+    train: list[dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)
+    """Problems of the training rows skipped as bad (data.bad_rows=skip)."""
+    val: list[dict[str, Any]] = field(default_factory=list)
+
+
+def preflight(cfg: Config) -> RunData:
+    """Checks paths, files and hardware (all problems reported together), then loads and checks the
+    rows; raises ConfigError, or DataError for a bad row under data.bad_rows=fatal."""
+    problems = _model_problems(cfg.model.path, "model.path")
+    if cfg.reward.judge_model:
+        problems += _model_problems(cfg.reward.judge_model, "reward.judge_model")
+    problems += _deepspeed_problems(cfg.learner.deepspeed_config)
+    for name, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if path is not None and not os.path.isfile(path):
+            problems.append(f"{name}: {_where(path)} is not a file")
+    for i, f in enumerate(cfg.reward.functions):
+        problems += _reward_problems(f.fn, f"reward.functions[{i}].fn")
+    if cfg.learner.num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"learner.num_gpus={cfg.learner.num_gpus} but this machine has no CUDA device "
+                            "(set learner.num_gpus=0 to learn on CPU)")
+    if problems:
+        raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
+    train, skipped = load_rows(cfg.data.train, cfg.data.bad_rows)
+    val = load_rows(cfg.data.val, cfg.data.bad_rows)[0] if cfg.data.val else []
+    limit = cfg.data.max_images_per_prompt
+    crowded = [f"{r['_where']} has {len(r['images'])}" for r in train + val if len(r["images"]) > limit]
+    if crowded:
+        raise ConfigError(f"data.max_images_per_prompt={limit}, but {len(crowded)} row(s) carry more images "
+                          f"({'; '.join(crowded[:3])}): raise data.max_images_per_prompt")
+    return RunData(train=train, skipped=skipped, val=val)
+
+
+def check_cluster(cfg: Config, available: dict[str, float]) -> None:
+    """Fails at once when the Ray cluster (its total `available` resources, e.g.
+    `ray.cluster_resources()`) cannot hold the run's actors at all, naming the resource."""
+    r, lc = cfg.rollout, cfg.learner
+    judge = bool(cfg.reward.judge_model)
+    gpu_run = lc.num_gpus > 0
+    needs = {
+        "CPU": {"rollout.num_workers x rollout.num_cpus_per_worker": r.num_workers * r.num_cpus_per_worker,
+                "learner.num_ranks x learner.num_cpus": lc.num_ranks * lc.num_cpus,
+                "reward.judge_num_cpus": cfg.reward.judge_num_cpus if judge else 0.0},
+        "GPU": {"rollout.num_workers (one GPU each)": r.num_workers if gpu_run else 0.0,
+                "learner.num_ranks x learner.num_gpus": lc.num_ranks * lc.num_gpus,
+                "the judge (one GPU)": 1.0 if gpu_run and judge else 0.0},
+    }
+    short = []
+    for resource, parts in needs.items():
+        total, have = sum(parts.values()), available.get(resource, 0.0)
+        if total > have + 1e-9:
+            detail = " + ".join(f"{k} = {v:g}" for k, v in parts.items() if v)
+            short.append(f"{total:g} {resource} ({detail}) but the Ray cluster has {have:g}")
+    if short:
+        raise ConfigError("the run cannot be placed: it needs " + "; and ".join(short))
+
+
+def _where(path: str) -> str:
+    return path if os.path.isabs(path) else f"{path} (resolved against {os.getcwd()})"
+
+
+def _model_problems(path: str, name: str) -> list[str]:
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        return [f"{name}: {_where(path)} is not a Hugging Face model folder (no config.json there); models "
+                "are read from local folders only, never looked up on a hub"]
+    return []
+
+
+def _deepspeed_problems(path: str) -> list[str]:
+    name = "learner.deepspeed_config"
+    if not os.path.isfile(path):
+        return [f"{name}: {_where(path)} is not a file"]
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"{name}: {path} is not valid JSON ({e})"]
+    if not isinstance(ds, dict):
+        return [f"{name}: {path} must hold a JSON object"]
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in SUPPORTED_ZERO_STAGES:
+        return [f"{name}: {path} sets zero_optimization.stage={stage!r}; supported stages are "
+                f"{SUPPORTED_ZERO_STAGES} (ZeRO-3 partitions the parameters the weight sync exports)"]
+    return []
+
+
+def _reward_problems(fn: str, name: str) -> list[str]:
+    """A reward reference must name a built-in, or a Python file that defines the function (read,
+    not executed: the reward workers import it)."""
+    from rewards.registry import resolve_reference
+
+    try:
+        resolved = resolve_reference(fn)
+    except (ValueError, FileNotFoundError) as e:
+        return [f"{name}: {e}"]
+    path, sep, func = resolved.rpartition(":")
+    if not sep:
+        return []
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+    except SyntaxError as e:
+        return [f"{name}: {path} does not parse ({e.msg}, line {e.lineno})"]
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    defined |= {a.asname or a.name for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    if func not in defined:
+        return [f"{name}: {path} defines no top-level {func!r}"]
+    return []
