@@ -87,9 +87,9 @@ def test_dynamic_sampling_drops_zero_variance_and_carries_surplus(pool, tiny_mod
     stream = PromptStream(rows, PromptBuilder(processor, cfg.data.system_prompt, 512), seed=1, skip_solved_epochs=1)
     with RewardRunner([RewardSpec("accuracy", f"{reward_file}:parity")], num_workers=1) as rewards:
         sampler = GroupSampler(cfg, pool, stream, rewards, processor.tokenizer)
-        first = sampler.sample(PhaseTimer())
+        first = sampler.sample(PhaseTimer(), 1)
         carried = [g.result.uid for g in sampler.carry]
-        second = sampler.sample(PhaseTimer())
+        second = sampler.sample(PhaseTimer(), 2)
     for step in (first, second):
         assert len(step.groups) == 3
         for g in step.groups:
@@ -100,6 +100,7 @@ def test_dynamic_sampling_drops_zero_variance_and_carries_surplus(pool, tiny_mod
     assert all(int(g.prompt.uid[-1]) % 2 == 0 or len(set(g.components["accuracy"])) == 1 for g in dropped)
     # Surplus qualified groups of step 1 are the first groups of step 2, not regenerated or lost.
     assert [g.result.uid for g in second.groups][:len(carried)] == carried[:3]
+    assert all(g.step == 1 for g in second.groups[:len(carried)]) and all(g.step == 2 for g in second.seen)
     # Pass-rate-aware scheduling remembers exactly the zero-variance (all right / all wrong) prompts,
     # which are the dropped ones: they are skipped next epoch.
     assert set(stream._solved_until) == {g.prompt.uid for g in dropped}
