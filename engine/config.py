@@ -37,6 +37,10 @@ class ModelConfig:
     reference: bool | None = None
     """Keep a frozen copy of the initial policy as the KL reference. None: exactly when some KL term
     is on (algorithm.kl_loss_coef or kl_reward_coef > 0); false with a KL term on is an error."""
+    reference_path: str | None = None
+    """Hugging Face folder of the KL reference when it is not the initial policy (e.g. the model
+    after your SFT stage while RL starts elsewhere); null: model.path. An SFT warm-up (sft.steps > 0)
+    re-anchors the reference to the policy it ends with."""
 
 
 @dataclass
@@ -76,7 +80,8 @@ class RolloutConfig:
     max_new_tokens: int = 64
     """Response length limit; responses stopped here are `truncated`."""
     seed: int = 0
-    """vLLM seed (each worker adds its index)."""
+    """Engine seed of each vLLM worker (plus its index). Training groups carry their own seeds, derived
+    from (trainer.seed, row id, epoch) so that a resumed run samples what the uninterrupted one did."""
     kv_cache_gib: float = 1.0
     """CPU only: KV-cache size per engine (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.5
@@ -251,7 +256,15 @@ class TrainerConfig:
     eval_max_rows: int = 64
     """Validation rows used per evaluation."""
     save_every: int = 0
-    """HF checkpoint every N steps (0: only the final one)."""
+    """Full training-state checkpoint (engine/checkpoint.py) every N RL steps, under
+    <run>/checkpoints/step_<N>/; the last step always saves one (0: only that)."""
+    keep_last: int = 0
+    """Keep only the newest K complete checkpoints (0: keep all); the newest is never removed."""
+    resume: str = "auto"
+    """"auto": continue from the newest complete checkpoint in the run folder (a finished run is not
+    resumed: it is archived and the run starts afresh); "off": always start afresh (an earlier run's
+    records move to previous-<time>/); or the path of a checkpoint folder to continue from (raise
+    trainer.steps to continue a finished run)."""
     log_rollouts: bool = True
     """Write each step's rollout records (msgpack) under <run>/rollouts/."""
     placement_timeout_s: float = 300.0
@@ -359,6 +372,7 @@ def _range_problems(cfg: Config) -> list[str]:
     at_least = {  # field: (value, minimum)
         "trainer.steps": (cfg.trainer.steps, 0), "trainer.eval_every": (cfg.trainer.eval_every, 0),
         "trainer.save_every": (cfg.trainer.save_every, 0), "trainer.eval_max_rows": (cfg.trainer.eval_max_rows, 1),
+        "trainer.keep_last": (cfg.trainer.keep_last, 0),
         "sft.steps": (cfg.sft.steps, 0), "sft.batch_size": (cfg.sft.batch_size, 1),
         "rollout.num_workers": (cfg.rollout.num_workers, 1), "rollout.group_size": (cfg.rollout.group_size, 1),
         "rollout.prompts_per_step": (cfg.rollout.prompts_per_step, 1),

@@ -56,6 +56,8 @@ class Prompt:
     """[num_patches, C·T·P·P] processed pixels of all images, or None without images."""
     image_grid_thw: torch.Tensor | None
     """[num_images, 3] patch grid per image, or None."""
+    epoch: int = 0
+    """The training-stream epoch that served the row (its rollout seed and ledger entry depend on it)."""
 
 
 def _validate(row: Any, where: str, base_dir: str) -> dict[str, Any]:
@@ -184,6 +186,9 @@ class PromptStream:
     _solved_until: dict[str, int] = field(default_factory=dict)
     _bad: set[str] = field(default_factory=set)
     skipped_solved: int = 0
+    passed_over: list[tuple[str, int]] = field(default_factory=list)
+    """(row id, epoch) of each row the stream passed over (bad, or skipped as solved) since the
+    driver last drained it — the ledger's `skipped` entries."""
 
     def _next_row(self) -> dict[str, Any]:
         solved = None
@@ -198,9 +203,11 @@ class PromptStream:
             row = self.rows[self._order[self._pos]]
             self._pos += 1
             if row["id"] in self._bad:
+                self.passed_over.append((row["id"], self.epoch))
                 continue
             if self._solved_until.get(row["id"], -1) >= self.epoch:
                 self.skipped_solved += 1
+                self.passed_over.append((row["id"], self.epoch))
                 solved = solved or row
                 continue
             return row
@@ -215,14 +222,39 @@ class PromptStream:
         while len(out) < k:
             row = self._next_row()
             try:
-                out.append(self.builder.build(row))
+                prompt = self.builder.build(row)
             except DataError as e:
                 if self.bad_rows == "fatal":
                     raise
                 log.warning("skipping bad row: %s", e)
                 self.skipped.append(str(e))
                 self._bad.add(row["id"])
+                self.passed_over.append((row["id"], self.epoch))
+                continue
+            prompt.epoch = self.epoch
+            out.append(prompt)
         return out
+
+    def __post_init__(self) -> None:
+        self._by_id = {r["id"]: r for r in self.rows}
+
+    def row(self, uid: str) -> dict[str, Any]:
+        """The row with id `uid`."""
+        return self._by_id[uid]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: restoring it serves exactly the rows the stream would have served."""
+        return {"epoch": self.epoch, "order": list(self._order), "pos": self._pos, "solved_until": dict(self._solved_until),
+                "bad": sorted(self._bad), "skipped": list(self.skipped), "skipped_solved": self.skipped_solved,
+                "num_rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_rows"] != len(self.rows):
+            raise ValueError(f"the checkpoint's data stream has {state['num_rows']} rows, data.train has "
+                             f"{len(self.rows)}: the training data changed")
+        self.epoch, self._order, self._pos = state["epoch"], list(state["order"]), state["pos"]
+        self._solved_until, self._bad = dict(state["solved_until"]), set(state["bad"])
+        self.skipped, self.skipped_solved = list(state["skipped"]), state["skipped_solved"]
 
     def mark_failed(self, uid: str, problem: str) -> None:
         """A row the engines could not generate for: counted in `data/skipped` with its cause and

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from engine import algorithms as A
-from kernels import logprobs_from_hidden
+from kernels import logprobs_from_hidden, logprobs_from_logits
 from rollout.weight_sync import join_group, send
 
 IMAGE_TOKEN_TYPE = 1
@@ -103,6 +103,10 @@ class Learner:
         # With DeepSpeed's bf16 mode on, it casts the model and keeps fp32 master weights, so the
         # policy is loaded in fp32; otherwise the optimizer works on parameters of model.dtype.
         ds_bf16 = ds_config.get("bf16", {}).get("enabled", False)
+        # ZeRO-3 partitions the parameters across ranks: every gather (forward, export, save) is a
+        # collective that all ranks must enter together.
+        self.zero3 = (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3
+        self._gathered: dict[str, torch.Tensor] | None = None
         torch.manual_seed(self.seed)
         policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             self.model_cfg["path"], dtype=torch.float32 if ds_bf16 else dtype)
@@ -121,10 +125,14 @@ class Learner:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
         self.ref = None
+        self.ref_is_initial = True
         if self.use_reference:
-            self.ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_cfg["path"], dtype=dtype)
+            self.ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                self.model_cfg["reference_path"] or self.model_cfg["path"], dtype=dtype)
             self.ref.to(self.device).eval().requires_grad_(False)
         self.image_token_id = policy.config.image_token_id
+        self.vision_token_ids = [t for t in (policy.config.image_token_id, getattr(policy.config, "video_token_id", None))
+                                 if t is not None]
 
     # ---- forward ----
 
@@ -133,11 +141,19 @@ class Learner:
         length = max(len(x) for x in full)
         ids = torch.zeros(len(full), length, dtype=torch.long)
         mask = torch.zeros(len(full), length, dtype=torch.long)
-        for i, x in enumerate(full):
+        in_prompt = torch.zeros(len(full), length, dtype=torch.bool)
+        for i, (s, x) in enumerate(zip(seqs, full)):
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
-        batch = {"input_ids": ids, "attention_mask": mask,
-                 "mm_token_type_ids": (ids == self.image_token_id).int() * IMAGE_TOKEN_TYPE}
+            in_prompt[i, : len(s.prompt_ids)] = True
+        # A policy can sample a vision placeholder token (<|image_pad|>, …) in its response. vLLM
+        # embeds such a token as text: image features fill only the prompt's placeholders. Here the
+        # model sees the real ids through their embeddings, while the ids it locates image features
+        # and rotary positions by have response placeholders blanked (else: "image features and
+        # image tokens do not match", or features and positions shifted).
+        stray = torch.isin(ids, torch.tensor(self.vision_token_ids)) & ~in_prompt
+        batch = {"ids": ids, "input_ids": ids.masked_fill(stray, 0), "attention_mask": mask,
+                 "mm_token_type_ids": ((ids == self.image_token_id) & in_prompt).int() * IMAGE_TOKEN_TYPE}
         used = [images[s.image] for s in seqs if s.image >= 0]
         if used:
             batch["pixel_values"] = torch.cat([p for p, _ in used])
@@ -152,12 +168,20 @@ class Learner:
 
     def _token_logprobs(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob, entropy) [N] of the response tokens under `model` (the temperature applied)."""
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("select", "targets")}
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("select", "targets", "ids")}
+        embeds = model.model.get_input_embeddings()(batch["ids"].to(self.device))
+        hidden = model.model(**inputs, inputs_embeds=embeds, use_cache=False).last_hidden_state
         rows, cols = batch["select"]
         selected = hidden[rows.to(self.device), cols.to(self.device)].contiguous()
-        logp, entropy, _ = logprobs_from_hidden(selected, model.lm_head.weight, batch["targets"].to(self.device),
-                                                temperature=self.temperature, backend=self.cfg["logprob_backend"])
+        targets = batch["targets"].to(self.device)
+        if self.zero3 and model is self.engine.module:
+            # A partitioned LM head is gathered only inside its own forward (whose backward also
+            # reduce-scatters its gradient), so the logits are materialised here.
+            logp, entropy, _ = logprobs_from_logits(model.lm_head(selected).contiguous(), targets,
+                                                    temperature=self.temperature, backend=self.cfg["logprob_backend"])
+        else:
+            logp, entropy, _ = logprobs_from_hidden(selected, model.lm_head.weight, targets,
+                                                    temperature=self.temperature, backend=self.cfg["logprob_backend"])
         return logp, entropy
 
     def _micro_batches(self, shard: Shard) -> list[list[Sequence]]:
@@ -175,6 +199,8 @@ class Learner:
         out = []
         for mb in self._micro_batches(shard):
             if not mb:
+                if self.zero3 and which == "old":  # join the other ranks' parameter gathers
+                    self._token_logprobs(model, self._collate(shard.sequences[:1], shard.images))
                 continue
             logp, _ = self._token_logprobs(model, self._collate(mb, shard.images))
             out.extend(x.tolist() for x in logp.float().cpu().split([len(s.response_ids) for s in mb]))
@@ -281,16 +307,60 @@ class Learner:
         Adam's second moments from SFT gradients (norm ~1) would otherwise shrink RL's steps (norm
         ~0.1) about tenfold for the next ~1/(1 − β₂) = 1000 steps."""
         if self.ref is not None:
-            self.ref.load_state_dict(self.engine.module.state_dict())
+            self.ref.load_state_dict(self._full_state())
+            self.ref_is_initial = False
         getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
 
+    # ---- full training state ----
+
+    def save_state(self, path: str) -> None:
+        """Every rank (together): the DeepSpeed engine state — weights, optimizer, ZeRO partitions —
+        and this rank's torch RNG; rank 0 also the reference model when it is no longer model.path."""
+        self.engine.save_checkpoint(path, tag="engine", save_latest=False)
+        torch.save(torch.get_rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0 and self.ref is not None and not self.ref_is_initial:
+            torch.save(self.ref.state_dict(), os.path.join(path, "reference.pt"))
+
+    def load_state(self, path: str) -> None:
+        """Restores what `save_state` wrote (every rank, together)."""
+        loaded, _ = self.engine.load_checkpoint(path, tag="engine", load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the engine state under {path}/engine")
+        torch.set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt")))
+        reference = os.path.join(path, "reference.pt")
+        if self.ref is not None and os.path.exists(reference):
+            self.ref.load_state_dict(torch.load(reference, map_location=self.device))
+            self.ref_is_initial = False
+
     # ---- weights out ----
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The policy's whole state dict. Under ZeRO-3 every rank must call it at once: the
+        partitions are gathered for the copy (a rank's own state dict holds empty placeholders)."""
+        module = self.engine.module
+        if not self.zero3:
+            return module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def gather_weights(self) -> None:
+        """Every rank, before a weight sync: under ZeRO-3 rank 0 keeps the gathered weights for the
+        transport (and for a rollout worker that restarts before the next sync)."""
+        if self.zero3:
+            full = self._full_state()
+            self._gathered = full if self.rank == 0 else None
 
     def _export_tensors(self) -> dict[str, torch.Tensor]:
         """The policy's parameters in Hugging Face names (the tied LM head is not repeated)."""
         model = self.engine.module
+        if self.zero3 and self._gathered is None:
+            raise RuntimeError("ZeRO-3: gather_weights() must run on every learner rank before a weight export")
+        state = self._gathered if self.zero3 else model.state_dict()
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        return {name: t.detach() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+        return {name: t.detach() for name, t in state.items() if not (tied and name == "lm_head.weight")}
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The weights as CPU copies, for the object-store transport."""
@@ -309,12 +379,13 @@ class Learner:
 
     def save(self, path: str) -> str:
         """Writes a Hugging Face folder (weights, config, tokenizer, processor) loadable by
-        transformers and vLLM; rank 0 writes, the others return at once."""
+        transformers and vLLM; rank 0 writes, the others return once they helped gather (ZeRO-3)."""
+        state = self._full_state() if self.zero3 else None
         if self.rank != 0:
             return path
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.engine.module.save_pretrained(tmp, safe_serialization=True)
+        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         for name in COPY_FROM_MODEL_DIR:
             src = os.path.join(self.model_cfg["path"], name)
             if os.path.exists(src) and not os.path.exists(os.path.join(tmp, name)):

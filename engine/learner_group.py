@@ -97,6 +97,10 @@ class LearnerGroup:
 
     def compute_logprobs(self, sequences: list[Sequence], images: list[Any], which: str) -> list[list[float]]:
         """Per-sequence response log-probs under the current policy ("old") or the reference ("ref")."""
+        n = len(sequences)
+        # Every rank gets a sequence (repeats of the first, results dropped): under ZeRO-3 each
+        # forward is a collective that all ranks join.
+        sequences = sequences + sequences[:1] * max(0, self.world_size - n)
         split = split_across_ranks([len(s.prompt_ids) + len(s.response_ids) for s in sequences], self.world_size)
         shards = self._shards(sequences, images)
         parts = ray.get([a.compute_logprobs.remote(s, which) for a, s in zip(self.ranks, shards)])
@@ -104,7 +108,7 @@ class LearnerGroup:
         for idx, part in zip(split, parts):
             for i, lp in zip(idx, part):
                 out[i] = lp
-        return out
+        return out[:n]
 
     def update(self, mini_batches: list[list[Sequence]], images: list[Any]) -> dict[str, float]:
         """One RL step over the given PPO mini-batches; returns statistics summed over ranks."""
@@ -125,6 +129,10 @@ class LearnerGroup:
     def start_rl_stage(self) -> None:
         ray.get([a.start_rl_stage.remote() for a in self.ranks])
 
+    def gather_weights(self) -> None:
+        """Before every weight sync (a collective under ZeRO-3; nothing otherwise)."""
+        ray.get([a.gather_weights.remote() for a in self.ranks])
+
     @property
     def weight_source(self) -> Any:
         """Rank 0, which every rollout engine takes its weights from (all ranks hold the same)."""
@@ -132,6 +140,12 @@ class LearnerGroup:
 
     def save(self, path: str) -> str:
         return ray.get([a.save.remote(path) for a in self.ranks])[0]
+
+    def save_state(self, path: str) -> None:
+        ray.get([a.save_state.remote(path) for a in self.ranks])
+
+    def load_state(self, path: str) -> None:
+        ray.get([a.load_state.remote(path) for a in self.ranks])
 
     def shutdown(self) -> None:
         for a in self.ranks:

@@ -18,7 +18,7 @@ from typing import Any
 from engine.config import Config, ConfigError
 from engine.data import load_rows
 
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
@@ -37,6 +37,8 @@ def preflight(cfg: Config) -> RunData:
     problems = _model_problems(cfg.model.path, "model.path")
     if cfg.reward.judge_model:
         problems += _model_problems(cfg.reward.judge_model, "reward.judge_model")
+    if cfg.model.reference_path:
+        problems += _model_problems(cfg.model.reference_path, "model.reference_path")
     problems += _deepspeed_problems(cfg.learner.deepspeed_config)
     for name, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
         if path is not None and not os.path.isfile(path):
@@ -109,8 +111,7 @@ def _deepspeed_problems(path: str) -> list[str]:
         return [f"{name}: {path} must hold a JSON object"]
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage not in SUPPORTED_ZERO_STAGES:
-        return [f"{name}: {path} sets zero_optimization.stage={stage!r}; supported stages are "
-                f"{SUPPORTED_ZERO_STAGES} (ZeRO-3 partitions the parameters the weight sync exports)"]
+        return [f"{name}: {path} sets zero_optimization.stage={stage!r}; supported stages are {SUPPORTED_ZERO_STAGES}"]
     return []
 
 

@@ -10,6 +10,8 @@ what qualified and warns — it never aborts silently and never trains on a zero
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from engine.config import Config
 from engine.data import Prompt, PromptStream
 from engine.metrics import PhaseTimer
 from rewards import RewardInput, RewardRunner
-from rollout.records import GroupRequest, GroupResult
+from rollout.records import GroupRequest, GroupResult, from_record, to_record
 
 log = logging.getLogger("pathorl.sampler")
 
@@ -74,8 +76,16 @@ class StepRollout:
     generation_errors: list[str] = field(default_factory=list)
     failed: list[tuple[Prompt, GroupResult]] = field(default_factory=list)
     """Groups whose generation failed (logged with their error)."""
+    carried: list[ScoredGroup] = field(default_factory=list)
+    """Qualified groups scored this step and kept for a later one."""
     reward_errors: int = 0
 
+
+def rollout_seed(run_seed: int, uid: str, epoch: int) -> int:
+    """vLLM seed of a training group: a function of (run seed, row id, epoch) alone, so a resumed run
+    samples what the uninterrupted run sampled; vLLM gives sample i of the group seed + i."""
+    digest = hashlib.sha256(f"{run_seed}/{uid}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:6], "big") << 8
 
 class GroupSampler:
     def __init__(self, cfg: Config, pool: Any, stream: PromptStream, rewards: RewardRunner, tokenizer: Any):
@@ -86,13 +96,14 @@ class GroupSampler:
         self._step = 0
 
     def submit(self, prompts: list[Prompt], n: int, sampling: dict | None = None) -> dict[str, Prompt]:
-        """Sends prompts to the pool; returns them by request uid (row id + a counter, unique)."""
+        """Sends prompts to the pool; returns them by request uid (row id + a counter, unique).
+        Without `sampling` (training draws) each group gets its own seed (`rollout_seed`)."""
         by_uid = {}
         for p in prompts:
             self._uid += 1
             by_uid[f"{p.uid}#{self._uid}"] = p
-        self.pool.submit([GroupRequest(uid=u, prompt=p.text, images=p.images, n=n, sampling=sampling)
-                          for u, p in by_uid.items()])
+        self.pool.submit([GroupRequest(uid=u, prompt=p.text, images=p.images, n=n, sampling=sampling or {
+            "seed": rollout_seed(self.cfg.trainer.seed, p.uid, p.epoch)}) for u, p in by_uid.items()])
         return by_uid
 
     def score(self, results: list[GroupResult], inflight: dict[str, Prompt], out: StepRollout) -> list[ScoredGroup]:
@@ -195,6 +206,7 @@ class GroupSampler:
                         out.groups.append(g)
                     else:
                         self.carry.append(g)
+                        out.carried.append(g)
                         st.groups_carried += 1
                 else:
                     st.groups_dropped += 1
@@ -207,6 +219,23 @@ class GroupSampler:
         while inflight:
             out.seen += self.score(self.pool.results(), inflight, out)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the carried-over groups (tokens, log-probs, rewards; prompts by row id)."""
+        carry = [{"uid": g.prompt.uid, "epoch": g.prompt.epoch, "result": to_record(g.result), "texts": g.texts,
+                  "scores": g.scores, "components": g.components, "step": g.step, "old_logprobs": g.old_logprobs}
+                 for g in self.carry]
+        return {"stats": dataclasses.asdict(self.stats), "uid": self._uid, "carry": carry}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = SamplingStats(**state["stats"])
+        self._uid = state["uid"]
+        self.carry = []
+        for c in state["carry"]:
+            prompt = self.stream.builder.build(self.stream.row(c["uid"]))
+            prompt.epoch = c["epoch"]
+            self.carry.append(ScoredGroup(prompt, from_record(c["result"]), c["texts"], c["scores"], c["components"],
+                                          step=c["step"], old_logprobs=c["old_logprobs"]))
 
     def metrics(self) -> dict[str, float]:
         st = self.stats

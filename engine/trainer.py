@@ -7,10 +7,11 @@
     advantages                     pure functions of the group rewards (engine/algorithms.py)
     update                         DeepSpeed learner ranks
     weight sync                    learner → every vLLM engine
-    eval / checkpoint              when due
+    eval / checkpoint              when due (full training state: engine/checkpoint.py)
 
-Each phase is timed (`timing/<phase>`) and the step's metrics are appended to
-runs/<run name>/metrics.jsonl.
+Each phase is timed (`timing/<phase>`), the step's metrics are appended to
+runs/<run name>/metrics.jsonl and its groups' fates to ledger.jsonl (engine/ledger.py). A run with a
+checkpoint in its folder continues from it (`trainer.resume`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import random
 import time
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 import yaml
 
 from engine import algorithms as A
+from engine import checkpoint, ledger
 from engine.config import Config, to_dict
 from engine.data import PromptBuilder, PromptStream
 from engine.learner import Sequence
@@ -43,11 +46,12 @@ log = logging.getLogger("pathorl.trainer")
 
 
 def archive_previous_run(run_dir: str) -> str | None:
-    """Moves an earlier run's metrics.jsonl, rollouts/ and config.yaml under `run_dir` into
-    `run_dir/previous-<time>/` and returns that folder (None when there was no earlier run).
-    Without it a rerun under the same name appends to the old metrics and its summary mixes two runs;
-    moving rather than deleting keeps the earlier run's record."""
-    names = [n for n in ("metrics.jsonl", "rollouts", "config.yaml") if os.path.exists(os.path.join(run_dir, n))]
+    """Moves an earlier run's records (metrics.jsonl, ledger.jsonl, rollouts/, checkpoints/,
+    config.yaml) under `run_dir` into `run_dir/previous-<time>/` and returns that folder (None when
+    there was no earlier run). Without it a rerun under the same name appends to the old metrics and
+    its summary mixes two runs; moving rather than deleting keeps the earlier run's record."""
+    names = [n for n in ("metrics.jsonl", "ledger.jsonl", "rollouts", "checkpoints", "config.yaml")
+             if os.path.exists(os.path.join(run_dir, n))]
     if "metrics.jsonl" not in names:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(os.path.join(run_dir, "metrics.jsonl"))))
@@ -69,8 +73,14 @@ class Trainer:
         data = data or preflight(cfg)
         check_cluster(cfg, ray.cluster_resources())
         self.run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
+        self.ledger_path = os.path.join(self.run_dir, checkpoint.LEDGER)
+        resume = checkpoint.resolve(cfg.trainer.resume, self.run_dir, cfg.trainer.steps)
+        state = checkpoint.check_continuation(resume, to_dict(cfg), cfg.uses_reference, self.run_dir) if resume else None
         os.makedirs(self.run_dir, exist_ok=True)
-        archive_previous_run(self.run_dir)
+        if state is None:
+            archive_previous_run(self.run_dir)
+        else:
+            checkpoint.cut_records(self.run_dir, state)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
@@ -111,6 +121,36 @@ class Trainer:
         self.learners.wait_ready()
         self.sampler = GroupSampler(cfg, self.pool, self.stream, self.rewards, self.tokenizer)
         self.rollout_log = RolloutLog(os.path.join(self.run_dir, "rollouts")) if cfg.trainer.log_rollouts else None
+        self.start_step = 1
+        if state is not None:
+            self._restore(resume, state)
+
+    # ---- resume ----
+
+    def _restore(self, path: str, state: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        self.learners.load_state(os.path.join(path, "learner"))
+        self.stream.load_state_dict(state["stream"])
+        self.sampler.load_state_dict(state["sampler"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.sync_weights()
+        self.start_step = state["step"] + 1
+        log.info("resumed from %s in %.1f s: continuing at step %d", path, time.perf_counter() - t0, self.start_step)
+
+    def _save_checkpoint(self, step: int, record: dict[str, Any]) -> str:
+        tmp = checkpoint.begin(self.run_dir, step)
+        self.learners.save_state(os.path.join(tmp, "learner"))
+        self.learners.save(os.path.join(tmp, "hf"))
+        state = {"step": step, "stage": "rl", "config": to_dict(self.cfg), "uses_reference": self.cfg.uses_reference,
+                 "stream": self.stream.state_dict(), "sampler": self.sampler.state_dict(),
+                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                 "ledger_lines": checkpoint.count_rows(self.ledger_path, step), "record": record}
+        path = checkpoint.commit(tmp, state)
+        for old in checkpoint.prune(self.run_dir, self.cfg.trainer.keep_last):
+            log.info("removed checkpoint %s (trainer.keep_last=%d)", old, self.cfg.trainer.keep_last)
+        return os.path.join(path, "hf")
 
     # ---- sequences, log-probs, advantages ----
 
@@ -167,12 +207,14 @@ class Trainer:
     # ---- the loop ----
 
     def sync_weights(self) -> float:
+        self.learners.gather_weights()
         return self.pool.sync_weights(self.learners.weight_source)
 
     def fit(self) -> None:
         cfg = self.cfg
-        self.sft_warmup()
-        for step in range(1, cfg.trainer.steps + 1):
+        if self.start_step == 1:
+            self.sft_warmup()
+        for step in range(self.start_step, cfg.trainer.steps + 1):
             timer = PhaseTimer()
             t_step = time.perf_counter()
             rollout = self.sampler.sample(timer, step)
@@ -205,6 +247,8 @@ class Trainer:
             else:
                 log.warning("step %d: only %d sequences to train on (learner.num_ranks=%d); update skipped", step,
                             len(train), self.learners.world_size)
+            passed_over, self.stream.passed_over = self.stream.passed_over, []
+            ledger.append(self.ledger_path, ledger.step_entries(step, rollout, passed_over, trained=bool(mini_batches)))
             with timer("weight_sync"):
                 self.sync_weights()
             record = {"stage": "rl", "step": step, **self._rollout_metrics(rollout), **adv_stats, **stats,
@@ -214,8 +258,7 @@ class Trainer:
                     record.update(self.evaluate())
             if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or step == cfg.trainer.steps:
                 with timer("checkpoint"):
-                    name = "checkpoint" if step == cfg.trainer.steps else f"checkpoint-step{step}"
-                    record["checkpoint"] = self.learners.save(os.path.join(self.run_dir, name))
+                    record["checkpoint"] = self._save_checkpoint(step, {**record, **timer.metrics()})
             step_s = time.perf_counter() - t_step
             record.update(timer.metrics())
             record["timing/step"] = step_s

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
+from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 from engine.data import DataError  # noqa: E402
 from engine.preflight import preflight  # noqa: E402
@@ -39,7 +40,7 @@ def main() -> None:
         # (never a stale cluster recorded in /tmp/ray by an earlier `ray start`).
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
         trainer = Trainer(cfg, data)
-    except (ConfigError, DataError, OSError, yaml.YAMLError) as e:
+    except (ConfigError, DataError, CheckpointError, OSError, yaml.YAMLError) as e:
         print(f"launch/rl.py: {e}", file=sys.stderr)
         sys.exit(2)
     try:

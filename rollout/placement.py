@@ -22,5 +22,5 @@ def reserve(bundles: list[dict[str, float]], what: str, timeout_s: float, strate
 
 
 def _fmt(resources: dict[str, Any]) -> str:
-    keys = [k for k in ("CPU", "GPU") if k in resources] or sorted(resources)
-    return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys) + "}"
+    """CPUs and GPUs (Ray leaves out a resource none of which is free)."""
+    return "{" + ", ".join(f"{k}: {resources.get(k, 0):g}" for k in ("CPU", "GPU")) + "}"

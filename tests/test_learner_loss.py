@@ -85,6 +85,7 @@ def test_off_policy_loss_matches_the_formulas(ray_session, tiny_model, batch):
     try:
         # The generating policy θ0 (also the reference): its log-probs are what a carried group keeps.
         generating = learners.compute_logprobs(seqs, images, "old")
+        _stray_vision_tokens_are_text(learners, seqs[1], images)
         g = torch.Generator().manual_seed(4)
         for s, lp in zip(seqs, generating):
             s.old_logprobs = lp
@@ -118,6 +119,18 @@ def test_off_policy_loss_matches_the_formulas(ray_session, tiny_model, batch):
     assert abs(sum(ratios) / n_tokens - 1) > 1e-3, "the carried sequences trained on-policy (ratio 1)"
     assert stats["ratio/mean"] == pytest.approx(sum(ratios) / n_tokens, rel=1e-5)
     assert stats["loss"] == pytest.approx(total, rel=1e-4, abs=1e-6)
+
+
+def _stray_vision_tokens_are_text(learners, seq, images):
+    """A response that samples <|image_pad|> / <|video_pad|> (vLLM embeds them as text) must not
+    shift the prompt's image features: the tokens before it keep their log-probs."""
+    image_pad, video_pad = 151655, 151656
+    head = seq.response_ids[:3]
+    stray = Sequence(prompt_ids=seq.prompt_ids, image=seq.image, response_ids=head + [image_pad, video_pad, head[0]])
+    plain = Sequence(prompt_ids=seq.prompt_ids, image=seq.image, response_ids=head)
+    with_stray, without = learners.compute_logprobs([stray, plain], images, "old")
+    assert all(math.isfinite(x) for x in with_stray)
+    assert with_stray[:3] == pytest.approx(without, abs=1e-6)
 
 
 def test_mini_batches_and_epochs_are_sequential_updates(ray_session, tiny_model, batch):

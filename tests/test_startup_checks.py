@@ -60,6 +60,7 @@ def _assert_refused(proc, run_dir, *fragments):
     (["rollout.tensor_parallel_size=2"], ["rollout.tensor_parallel_size=2"]),
     (["algorithm.loss_agg=sum", "algorithm.kl_estimator=k4", "learner.logprob_backend=cuda"],
      ["algorithm.loss_agg", "algorithm.kl_estimator", "learner.logprob_backend"]),
+    (["model.reference_path=artifacts/sft-model"], ["model.reference_path", "artifacts/sft-model"]),
     (["reward.functions=[{name: accuracy, fn: rewards/examples/verl_reward.py:score}]"],
      ["reward.functions[0].fn", "verl_reward.py", "no top-level 'score'"]),
 ])
@@ -75,9 +76,9 @@ def test_broken_yaml_and_unsupported_zero_stage(run_dir, tiny_model, demo_data, 
     proc, _ = _launch(run_dir, broken)
     _assert_refused(proc, run_dir, "broken.yaml")
     zero3 = tmp_path / "zero3.json"
-    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     proc, _ = _launch(run_dir, "launch/configs/demo.yaml", f"learner.deepspeed_config={zero3}")
-    _assert_refused(proc, run_dir, "learner.deepspeed_config", "zero_optimization.stage=3")
+    _assert_refused(proc, run_dir, "learner.deepspeed_config", "zero_optimization.stage=4")
 
 
 def test_a_cluster_too_small_is_refused_naming_the_resource(run_dir, tiny_model, demo_data):
@@ -110,3 +111,23 @@ def test_cluster_check_counts_every_actor():
     gpu = load_config("launch/configs/patho_r1_grpo.yaml")
     with pytest.raises(ConfigError, match=r"8 GPU .*but the Ray cluster has 4"):
         check_cluster(gpu, {"CPU": 64.0, "GPU": 4.0})
+
+
+def test_a_placement_the_cluster_cannot_grant_ends_in_bounded_time():
+    """Resources exist but are held elsewhere: the wait ends after the timeout, naming what it
+    wanted and what is free, instead of hanging the run."""
+    import ray
+
+    from rollout.placement import reserve
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace="pathorl-test-placement")
+    try:
+        held = reserve([{"CPU": 1.0}], "a run already here", timeout_s=60)
+        started = time.perf_counter()
+        with pytest.raises(RuntimeError, match=r"learner ranks: Ray could not reserve 1 bundle\(s\) of "
+                                               r"\{CPU: 1, GPU: 0\} within 2 s; free now: \{CPU: 0, GPU: 0\}"):
+            reserve([{"CPU": 1.0}], "learner ranks", timeout_s=2)
+        assert time.perf_counter() - started < 30
+        ray.util.remove_placement_group(held)
+    finally:
+        ray.shutdown()

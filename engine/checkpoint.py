@@ -1,0 +1,240 @@
+"""Full training-state checkpoints: everything a run needs to continue exactly where it stopped.
+
+    runs/<run>/checkpoints/step_<N>/
+        learner/        DeepSpeed engine state of every rank (weights, optimizer, ZeRO partitions),
+                        each rank's torch RNG, and the reference model when it is not model.path
+        hf/             Hugging Face export (weights, config, tokenizer, processor): vLLM and
+                        transformers load it, RL's model.path takes it
+        trainer.pt      step, config, data stream (epoch, order, position, pass-rate memory, bad and
+                        skipped rows), sampler (carried-over groups with tokens, log-probs, rewards;
+                        counters), the driver's RNGs
+        COMPLETE.json   written last: the size of every file above
+
+A checkpoint is written under `step_<N>.tmp/` and renamed when whole, so a crash mid-save leaves at
+most a `.tmp` folder; one whose marker is missing or whose files disagree with it is incomplete:
+`trainer.resume=auto` reports and skips it, an explicit path to it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+
+from engine.metrics import MetricsLog
+
+log = logging.getLogger("pathorl.checkpoint")
+MARKER = "COMPLETE.json"
+STATE = "trainer.pt"
+METRICS, LEDGER = "metrics.jsonl", "ledger.jsonl"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or cannot continue this run: names the file."""
+
+
+def path_for(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step_{step}")
+
+
+def begin(run_dir: str, step: int) -> str:
+    """An empty temporary folder for step `step`'s checkpoint."""
+    tmp = path_for(run_dir, step) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit(tmp: str, state: dict[str, Any]) -> str:
+    """Writes the trainer state and, last, the marker into `tmp`, then renames it to its final name."""
+    torch.save(state, os.path.join(tmp, STATE))
+    sizes = {}
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            path = os.path.join(folder, name)
+            sizes[os.path.relpath(path, tmp)] = os.path.getsize(path)
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"step": state["step"], "files": sizes}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    final = tmp[: -len(".tmp")]
+    if os.path.exists(final):  # the same step saved again (a resumed run that re-ran it)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def problem(path: str) -> str | None:
+    """Why `path` is not a complete checkpoint (None when it is)."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        return f"{path} is not a folder"
+    if not os.path.isfile(marker):
+        return f"{path} has no {MARKER} (the save did not finish)"
+    try:
+        with open(marker) as f:
+            sizes = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{marker} is unreadable ({e})"
+    for rel, size in sizes.items():
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} is {os.path.getsize(file)} bytes, {MARKER} says {size} (truncated?)"
+    if STATE not in sizes:
+        return f"{path} holds no {STATE}"
+    return None
+
+
+def latest(run_dir: str) -> str | None:
+    """The newest complete checkpoint of a run; incomplete ones are reported and skipped."""
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    steps = sorted((int(m.group(1)) for m in map(_NAME.match, os.listdir(folder)) if m), reverse=True)
+    for step in steps:
+        path = path_for(run_dir, step)
+        why = problem(path)
+        if why is None:
+            return path
+        log.warning("skipping incomplete checkpoint: %s", why)
+    return None
+
+
+def load_state(path: str) -> dict[str, Any]:
+    """The trainer state of a complete checkpoint; CheckpointError naming the file otherwise."""
+    why = problem(path)
+    if why is not None:
+        raise CheckpointError(f"trainer.resume: {why}")
+    try:
+        return torch.load(os.path.join(path, STATE), weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"trainer.resume: {os.path.join(path, STATE)} cannot be read ({type(e).__name__}: {e})")
+
+
+def prune(run_dir: str, keep_last: int) -> list[str]:
+    """Removes all but the newest `keep_last` complete checkpoints (never the newest complete one)
+    and any leftover `.tmp` folders; returns what it removed."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    removed = [os.path.join(folder, n) for n in names if n.endswith(".tmp")]
+    complete = sorted((int(m.group(1)) for m in map(_NAME.match, names)
+                       if m and problem(os.path.join(folder, m.group(0))) is None), reverse=True)
+    if keep_last > 0:
+        removed += [path_for(run_dir, s) for s in complete[keep_last:]]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+# Fields a resumed run must share with its checkpoint: anything else may change and is logged.
+MUST_MATCH = ("model.path", "model.dtype", "data.train", "data.shuffle", "data.system_prompt",
+              "data.max_prompt_tokens", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
+              "learner.num_ranks", "learner.deepspeed_config", "algorithm.dynamic_sampling",
+              "algorithm.filter_metric", "trainer.seed", "model.reference_path")
+
+
+def compare(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(fields that forbid continuing the checkpoint, fields that changed safely), dotted names with
+    both values. Configs are `to_dict(cfg)` trees; the run name and output folder never count."""
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                     and k not in ("trainer.run_name", "trainer.output_dir", "trainer.resume"))
+    blocking = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in changed if k in MUST_MATCH]
+    safe = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed if k not in MUST_MATCH]
+    return blocking, safe
+
+
+def resolve(resume: str, run_dir: str, steps: int) -> str | None:
+    """The checkpoint a run continues from, or None for a fresh start.
+
+    "off": None. "auto": the newest complete checkpoint under `run_dir`, unless it holds a finished
+    run (its step >= `steps`): that run is not resumed, a rerun starts afresh. A path: that
+    checkpoint, which must be complete (a finished run continues when `steps` is raised)."""
+    if resume == "off":
+        return None
+    if resume == "auto":
+        path = latest(run_dir)
+        if path is None or load_state(path)["step"] >= steps:
+            return None
+        return path
+    why = problem(resume)
+    if why is not None:
+        raise CheckpointError(f"trainer.resume={resume}: {why}")
+    step = load_state(resume)["step"]
+    if step >= steps:
+        raise CheckpointError(f"trainer.resume={resume} holds step {step}, and trainer.steps={steps}: nothing is left "
+                              "to train (raise trainer.steps to continue it)")
+    return resume
+
+
+def truncate_jsonl(path: str, step: int) -> int:
+    """Cuts the RL rows of a run's jsonl log (metrics or ledger) past `step` — written after the
+    checkpoint, before a crash; returns how many were cut. Rewritten through a temporary file."""
+    if not os.path.exists(path):
+        return 0
+    keep, cut = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("stage", "rl") == "rl" and row.get("step", 0) > step:
+                cut += 1
+            else:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return cut
+
+
+def check_continuation(path: str, config: dict[str, Any], uses_reference: bool, run_dir: str) -> dict[str, Any]:
+    """The state of checkpoint `path`, once it is known to fit this config (`to_dict(cfg)`) and the
+    run folder's ledger; CheckpointError naming the fields or the file otherwise."""
+    state = load_state(path)
+    blocking, safe = compare(state["config"], config)
+    if uses_reference and not state["uses_reference"]:
+        blocking.append("a KL term is now on, but the checkpoint's run kept no reference model")
+    if blocking:
+        raise CheckpointError(f"{path} cannot continue with this config:\n  " + "\n  ".join(blocking))
+    if safe:
+        log.warning("resuming %s with changed settings:\n  %s", path, "\n  ".join(safe))
+    ledger = os.path.join(run_dir, LEDGER)
+    lines = count_rows(ledger, state["step"])
+    if lines != state["ledger_lines"]:
+        raise CheckpointError(f"{ledger} holds {lines} lines up to step {state['step']}, the checkpoint {path} "
+                              f"recorded {state['ledger_lines']}: the ledger does not belong to this checkpoint")
+    return state
+
+
+def cut_records(run_dir: str, state: dict[str, Any]) -> None:
+    """Cuts the metrics and ledger rows written after the checkpoint, before the crash; restores the
+    checkpoint's own metrics row if the crash came between the checkpoint and that row."""
+    metrics = os.path.join(run_dir, METRICS)
+    truncate_jsonl(metrics, state["step"])
+    truncate_jsonl(os.path.join(run_dir, LEDGER), state["step"])
+    if count_rows(metrics, state["step"], only_step=True) == 0:
+        MetricsLog(metrics).write(state["record"])
+
+
+def count_rows(path: str, step: int, only_step: bool = False) -> int:
+    """RL rows of a jsonl log (metrics, ledger) at steps <= `step` (== `step` with only_step)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return sum(1 for r in rows if r.get("stage", "rl") == "rl" and (r["step"] == step if only_step else r["step"] <= step))
