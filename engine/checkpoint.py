@@ -161,16 +161,18 @@ def compare(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], 
 def resolve(resume: str, run_dir: str, steps: int) -> str | None:
     """The checkpoint a run continues from, or None for a fresh start.
 
-    "off": None. "auto": the newest complete checkpoint under `run_dir`, unless it holds a finished
-    run (its step >= `steps`): that run is not resumed, a rerun starts afresh. A path: that
-    checkpoint, which must be complete (a finished run continues when `steps` is raised)."""
+    "off": None. "auto": the newest complete checkpoint under `run_dir`, unless it is the last one
+    of a run that finished (or already reaches `steps`): that run is not resumed, a rerun starts
+    afresh. A path: that checkpoint, which must be complete (how a finished run is continued on
+    purpose, with `steps` raised)."""
     if resume == "off":
         return None
     if resume == "auto":
         path = latest(run_dir)
-        if path is None or load_state(path)["step"] >= steps:
+        if path is None:
             return None
-        return path
+        state = load_state(path)
+        return None if state.get("finished") or state["step"] >= steps else path
     why = problem(resume)
     if why is not None:
         raise CheckpointError(f"trainer.resume={resume}: {why}")

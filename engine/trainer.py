@@ -17,7 +17,6 @@ checkpoint in its folder continues from it (`trainer.resume`).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -143,7 +142,8 @@ class Trainer:
         tmp = checkpoint.begin(self.run_dir, step)
         self.learners.save_state(os.path.join(tmp, "learner"))
         self.learners.save(os.path.join(tmp, "hf"))
-        state = {"step": step, "stage": "rl", "config": to_dict(self.cfg), "uses_reference": self.cfg.uses_reference,
+        state = {"step": step, "stage": "rl", "finished": step == self.cfg.trainer.steps, "config": to_dict(self.cfg),
+                 "uses_reference": self.cfg.uses_reference,
                  "stream": self.stream.state_dict(), "sampler": self.sampler.state_dict(),
                  "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                  "ledger_lines": checkpoint.count_rows(self.ledger_path, step), "record": record}

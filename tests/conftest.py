@@ -22,6 +22,16 @@ else:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def ray_session(request):
+    """A local Ray instance with 2 CPUs for one test module (its own namespace)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=f"pathorl-{request.module.__name__}")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     path = ROOT / "artifacts" / "tiny-qwen2.5-vl"

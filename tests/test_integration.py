@@ -9,7 +9,6 @@ an SFT warm-up and RL steps through `Trainer.fit`, then the checks that matter f
 import json
 import os
 
-import pytest
 import ray
 import torch
 
@@ -21,13 +20,6 @@ REQUIRED = ["step", "reward/mean", "reward/format", "reward/accuracy", "response
             "throughput/tokens_per_s", "timing/rollout", "timing/reward", "timing/filter", "timing/old_ref_logprobs",
             "timing/advantages", "timing/update", "timing/weight_sync", "timing/step"]
 FIXED_RESPONSE = "<think>The brown membranes are DAB.</think><answer>A</answer>"
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pathorl-test")
-    yield
-    ray.shutdown()
 
 
 def _engine_view(worker, prompt, response):

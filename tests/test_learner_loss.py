@@ -24,13 +24,6 @@ TEMPERATURE = 0.9
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pathorl-test-loss")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def batch(tiny_model, demo_data):
     processor = AutoProcessor.from_pretrained(tiny_model)
     rows, _ = load_rows(f"{demo_data}/val.jsonl")

@@ -14,13 +14,6 @@ from engine.learner import Sequence
 from engine.learner_group import LearnerGroup, split_across_ranks, split_mini_batches
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pathorl-test-split")
-    yield
-    ray.shutdown()
-
-
 def _step(tiny_model, demo_data, loss_agg, ranks, micro):
     cfg = load_config("launch/configs/demo.yaml", [
         f"model.path={tiny_model}", f"learner.num_ranks={ranks}", f"learner.micro_batch_size={micro}",

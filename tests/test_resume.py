@@ -13,6 +13,7 @@
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,12 +168,12 @@ def test_crash_mid_step_with_carried_groups(tmp_path, tiny_model, demo_data):
     assert [r["step"] for r in rl] == [1, 2, 3, 4]
 
 
-def _fake_checkpoint(run_dir, step, payload=b"x" * 100):
+def _fake_checkpoint(run_dir, step, payload=b"x" * 100, finished=False):
     tmp = checkpoint.begin(str(run_dir), step)
     os.makedirs(os.path.join(tmp, "learner"))
     with open(os.path.join(tmp, "learner", "weights.bin"), "wb") as f:
         f.write(payload)
-    return checkpoint.commit(tmp, {"step": step, "config": {}})
+    return checkpoint.commit(tmp, {"step": step, "config": {}, "finished": finished})
 
 
 def test_cut_short_checkpoints_are_skipped_or_refused(tmp_path, caplog):
@@ -194,7 +195,11 @@ def test_cut_short_checkpoints_are_skipped_or_refused(tmp_path, caplog):
         checkpoint.resolve(unmarked, str(run), steps=10)
     with pytest.raises(checkpoint.CheckpointError, match="nothing is left to train"):
         checkpoint.resolve(checkpoint.path_for(str(run), 2), str(run), steps=2)
-    assert checkpoint.resolve("auto", str(run), steps=2) is None   # finished: start afresh
+    assert checkpoint.resolve("auto", str(run), steps=2) is None   # reached trainer.steps: start afresh
+    finished = _fake_checkpoint(run, 10, finished=True)
+    assert checkpoint.resolve("auto", str(run), steps=20) is None  # a finished run is never resumed by auto
+    assert checkpoint.resolve(finished, str(run), steps=20) == finished   # but continues when named
+    shutil.rmtree(finished)
     removed = checkpoint.prune(str(run), keep_last=1)
     assert checkpoint.path_for(str(run), 2) not in removed and any(p.endswith("step_8.tmp") for p in removed)
     assert torch.load(os.path.join(checkpoint.path_for(str(run), 2), checkpoint.STATE))["step"] == 2

@@ -9,7 +9,6 @@
 
 import json
 
-import pytest
 import ray
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -21,13 +20,6 @@ from engine.learner_group import LearnerGroup
 from rollout.pool import RolloutPool
 
 RESPONSE = "<think>The brown membranes are DAB.</think><answer>A</answer>"
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pathorl-test-zero3")
-    yield
-    ray.shutdown()
 
 
 def _cfg(tiny_model, tmp_path):
