@@ -45,6 +45,12 @@ def preflight(cfg: Config) -> RunData:
             problems.append(f"{name}: {_where(path)} is not a file")
     for i, f in enumerate(cfg.reward.functions):
         problems += _reward_problems(f.fn, f"reward.functions[{i}].fn")
+    if cfg.trainer.resume not in ("auto", "off"):
+        from engine.checkpoint import problem
+
+        why = problem(cfg.trainer.resume)
+        if why is not None:
+            problems.append(f"trainer.resume: {why} (use auto, off or a complete checkpoint folder)")
     if cfg.learner.num_gpus > 0:
         import torch
 

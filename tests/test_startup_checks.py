@@ -61,6 +61,7 @@ def _assert_refused(proc, run_dir, *fragments):
     (["algorithm.loss_agg=sum", "algorithm.kl_estimator=k4", "learner.logprob_backend=cuda"],
      ["algorithm.loss_agg", "algorithm.kl_estimator", "learner.logprob_backend"]),
     (["model.reference_path=artifacts/sft-model"], ["model.reference_path", "artifacts/sft-model"]),
+    (["trainer.resume=runs/nowhere/checkpoints/step_3"], ["trainer.resume", "step_3 is not a folder"]),
     (["reward.functions=[{name: accuracy, fn: rewards/examples/verl_reward.py:score}]"],
      ["reward.functions[0].fn", "verl_reward.py", "no top-level 'score'"]),
 ])
