@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import time
 from typing import Any
 
+import numpy as np
 import torch
+import yaml
 
 from engine.metrics import MetricsLog
 
@@ -135,7 +139,8 @@ def prune(run_dir: str, keep_last: int) -> list[str]:
 
 
 # Fields a resumed run must share with its checkpoint: anything else may change and is logged.
-MUST_MATCH = ("model.path", "model.dtype", "data.train", "data.shuffle", "data.system_prompt",
+MUST_MATCH = ("model.path", "model.dtype", "data.train", "data.shuffle", "data.system_prompt", "sft.train",
+              "sft.batch_size", "sft.segment_weights", "sft.caption_instruction", "sft.max_length",
               "data.max_prompt_tokens", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
               "learner.num_ranks", "learner.deepspeed_config", "algorithm.dynamic_sampling",
               "algorithm.filter_metric", "trainer.seed", "model.reference_path")
@@ -183,8 +188,37 @@ def resolve(resume: str, run_dir: str, steps: int) -> str | None:
     return resume
 
 
-def truncate_jsonl(path: str, step: int) -> int:
-    """Cuts the RL rows of a run's jsonl log (metrics or ledger) past `step` — written after the
+def rng_state() -> dict[str, Any]:
+    """The driver's random generators (Python, NumPy, torch), for a checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def archive_previous_run(run_dir: str) -> str | None:
+    """Moves an earlier run's records (metrics.jsonl, ledger.jsonl, rollouts/, checkpoints/,
+    config.yaml, hf/) under `run_dir` into `run_dir/previous-<time>/` and returns that folder (None
+    when there was no earlier run). Without it a rerun under the same name appends to the old metrics
+    and its summary mixes two runs; moving rather than deleting keeps the earlier run's record."""
+    names = [n for n in (METRICS, LEDGER, "rollouts", "checkpoints", "config.yaml", "hf")
+             if os.path.exists(os.path.join(run_dir, n))]
+    if METRICS not in names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(os.path.join(run_dir, METRICS))))
+    dest = os.path.join(run_dir, f"previous-{stamp}")
+    os.makedirs(dest)
+    for name in names:
+        os.replace(os.path.join(run_dir, name), os.path.join(dest, name))
+    log.warning("run folder %s held an earlier run: moved its %s to %s", run_dir, ", ".join(names), dest)
+    return dest
+
+
+def truncate_jsonl(path: str, step: int, stage: str = "rl") -> int:
+    """Cuts the `stage` rows of a run's jsonl log (metrics or ledger) past `step` — written after the
     checkpoint, before a crash; returns how many were cut. Rewritten through a temporary file."""
     if not os.path.exists(path):
         return 0
@@ -194,7 +228,7 @@ def truncate_jsonl(path: str, step: int) -> int:
             if not line.strip():
                 continue
             row = json.loads(line)
-            if row.get("stage", "rl") == "rl" and row.get("step", 0) > step:
+            if row.get("stage", "rl") == stage and row.get("step", 0) > step:
                 cut += 1
             else:
                 keep.append(line if line.endswith("\n") else line + "\n")
@@ -216,27 +250,48 @@ def check_continuation(path: str, config: dict[str, Any], uses_reference: bool, 
     if safe:
         log.warning("resuming %s with changed settings:\n  %s", path, "\n  ".join(safe))
     ledger = os.path.join(run_dir, LEDGER)
-    lines = count_rows(ledger, state["step"])
+    lines = count_rows(ledger, state["step"], stage=state.get("stage", "rl"))
     if lines != state["ledger_lines"]:
         raise CheckpointError(f"{ledger} holds {lines} lines up to step {state['step']}, the checkpoint {path} "
                               f"recorded {state['ledger_lines']}: the ledger does not belong to this checkpoint")
     return state
 
 
+def open_run(run_dir: str, config: dict[str, Any], resume: str, steps: int, uses_reference: bool,
+             stage: str) -> tuple[str | None, dict[str, Any] | None]:
+    """Prepares a run folder and returns (checkpoint path, its state) to continue from, or (None,
+    None) for a fresh start: a fresh start moves an earlier run's records aside, a resumed one cuts
+    the rows written after its checkpoint; either way config.yaml is (re)written. Every check runs
+    before the folder is touched. `stage`: "rl" or "sft", which the checkpoint must be of."""
+    path = resolve(resume, run_dir, steps)
+    state = check_continuation(path, config, uses_reference, run_dir) if path else None
+    if state is not None and state.get("stage", "rl") != stage:
+        raise CheckpointError(f"{path} is a checkpoint of an {state.get('stage', 'rl').upper()} run, not of "
+                              f"an {stage.upper()} one")
+    os.makedirs(run_dir, exist_ok=True)
+    if state is None:
+        archive_previous_run(run_dir)
+    else:
+        cut_records(run_dir, state)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path, state
+
+
 def cut_records(run_dir: str, state: dict[str, Any]) -> None:
     """Cuts the metrics and ledger rows written after the checkpoint, before the crash; restores the
     checkpoint's own metrics row if the crash came between the checkpoint and that row."""
-    metrics = os.path.join(run_dir, METRICS)
-    truncate_jsonl(metrics, state["step"])
-    truncate_jsonl(os.path.join(run_dir, LEDGER), state["step"])
-    if count_rows(metrics, state["step"], only_step=True) == 0:
+    metrics, stage = os.path.join(run_dir, METRICS), state.get("stage", "rl")
+    truncate_jsonl(metrics, state["step"], stage)
+    truncate_jsonl(os.path.join(run_dir, LEDGER), state["step"], stage)
+    if count_rows(metrics, state["step"], only_step=True, stage=stage) == 0:
         MetricsLog(metrics).write(state["record"])
 
 
-def count_rows(path: str, step: int, only_step: bool = False) -> int:
-    """RL rows of a jsonl log (metrics, ledger) at steps <= `step` (== `step` with only_step)."""
+def count_rows(path: str, step: int, only_step: bool = False, stage: str = "rl") -> int:
+    """`stage` rows of a jsonl log (metrics, ledger) at steps <= `step` (== `step` with only_step)."""
     if not os.path.exists(path):
         return 0
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return sum(1 for r in rows if r.get("stage", "rl") == "rl" and (r["step"] == step if only_step else r["step"] <= step))
+    return sum(1 for r in rows if r.get("stage", "rl") == stage and (r["step"] == step if only_step else r["step"] <= step))

@@ -80,8 +80,13 @@ class RolloutConfig:
     max_new_tokens: int = 64
     """Response length limit; responses stopped here are `truncated`."""
     seed: int = 0
-    """Engine seed of each vLLM worker (plus its index). Training groups carry their own seeds, derived
-    from (trainer.seed, row id, epoch) so that a resumed run samples what the uninterrupted one did."""
+    """Engine seed of each vLLM worker (plus its index)."""
+    group_seeds: bool = False
+    """Give every training group its own vLLM seed, derived from (trainer.seed, row id, epoch), so a
+    resumed run samples exactly what the uninterrupted one did. Off: groups draw from each engine's
+    stream (a resumed run trains correctly but on different samples). Off by default: with it on the
+    demo reached its goal in 0 of 3 runs against 2 of 2 with it off, although the seeded samples'
+    statistics agree with unseeded ones (BENCHMARKS.md); the cause is not understood."""
     kv_cache_gib: float = 1.0
     """CPU only: KV-cache size per engine (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.5
@@ -199,7 +204,14 @@ class LearnerConfig:
     num_ranks: int = 1
     """Data-parallel learner processes (Ray actors in one torch.distributed group)."""
     lr: float = 1e-5
-    """AdamW learning rate for RL steps."""
+    """AdamW learning rate for RL steps (the peak, under a schedule)."""
+    lr_schedule: str = "constant"
+    """RL learning-rate schedule after the warm-up: "constant" or "cosine" (decays to
+    lr·min_lr_ratio at the last step; engine/schedule.py)."""
+    warmup_steps: int = 0
+    """RL steps of linear learning-rate warm-up."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -209,6 +221,10 @@ class LearnerConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank; the loss is normalised globally, so this changes
     memory, not the update."""
+    max_tokens_per_micro_batch: int = 0
+    """When > 0, micro-batches are cut by padded token count (sequences × longest, prompt included)
+    instead of micro_batch_size: short and long sequences pack without large padding. A sequence
+    longer than the budget runs alone."""
     mini_batches: int = 1
     """Optimizer steps per RL step (PPO mini-batches); 1 keeps the update on-policy and skips the
     separate old-log-prob pass."""
@@ -228,12 +244,45 @@ class LearnerConfig:
 
 @dataclass
 class SFTConfig:
+    train: str | None = None
+    """Supervised data for the SFT stage (`launch/sft.py`): jsonl or parquet in any format of
+    engine/sft_data.py (ShareGPT `conversations`, OpenAI `messages`, `caption` pairs, or our schema
+    with `response`). Image paths are relative to the file's folder. None: no SFT stage; an RL run
+    with sft.steps > 0 then warms up on format examples of data.train."""
+    val: str | None = None
+    """Held-out supervised data: its loss is measured every eval_every steps and at the end."""
+    epochs: int = 1
+    """Passes over sft.train (when sft.steps is 0)."""
     steps: int = 0
-    """Supervised warm-up steps on format examples before RL (0: none)."""
+    """Optimizer steps. SFT stage: 0 runs `epochs` passes over sft.train. RL run without sft.train:
+    the format warm-up's steps before RL (0: none)."""
     lr: float = 1e-4
-    """Learning rate of the warm-up."""
+    """Peak learning rate."""
+    lr_schedule: str = "constant"
+    """"constant" or "cosine" after the warm-up (engine/schedule.py, shared with RL)."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
     batch_size: int = 16
-    """Rows per warm-up step; each row gives one example per option."""
+    """Examples per optimizer step (the format warm-up: rows per step, each giving one example per
+    option)."""
+    max_tokens_per_micro_batch: int = 0
+    """Micro-batches cut by padded token count (> 0) rather than learner.micro_batch_size."""
+    max_length: int = 2048
+    """Examples longer than this (tokens, images included) are bad rows."""
+    segment_weights: dict[str, float] = field(default_factory=dict)
+    """Loss weight of each tagged span <tag>…</tag> of a target, e.g. {observe: 0.0, think: 1.0,
+    answer: 1.0}; untagged target text keeps weight 1. When set, a target with a tag it does not
+    name is a bad row. Empty: every target token weighs 1."""
+    caption_instruction: str = "Describe this pathology image."
+    """User turn of image-caption rows (continued pre-training)."""
+    eval_every: int = 0
+    """Validation loss on sft.val every N steps (0: at the end only)."""
+    val_max_rows: int = 256
+    """Validation rows used."""
+    save_every: int = 0
+    """SFT stage: full-state checkpoint every N steps (the last step always saves one)."""
     response_template: str = "<think>{think}</think><answer>{answer}</answer>"
     """Target response; {answer} takes each option's text in turn, so the warm-up teaches the format,
     never the answers."""
@@ -255,6 +304,17 @@ class TrainerConfig:
     """Greedy validation every N steps (0: only at the end when data.val is set)."""
     eval_max_rows: int = 64
     """Validation rows used per evaluation."""
+    eval_before_train: bool = False
+    """Evaluate once before the first RL step (a step-0 baseline, logged as step 0)."""
+    eval_n: int = 0
+    """Sampled responses per validation row besides the greedy one (mean@n, pass@k, maj@n;
+    engine/evaluate.py); 0: greedy only."""
+    eval_temperature: float = 1.0
+    """Sampling temperature of the eval_n responses."""
+    eval_correct: str = "accuracy"
+    """Reward component that judges a response correct (score >= eval_correct_threshold)."""
+    eval_correct_threshold: float = 1.0
+    """Score of `eval_correct` at or above which a response counts as correct."""
     save_every: int = 0
     """Full training-state checkpoint (engine/checkpoint.py) every N RL steps, under
     <run>/checkpoints/step_<N>/; the last step always saves one (0: only that)."""
@@ -323,10 +383,17 @@ class Config:
         if a.dynamic_sampling and a.filter_metric not in {f.name for f in self.reward.functions}:
             problems.append(f"algorithm.filter_metric={a.filter_metric!r} is not a reward component "
                             f"(reward.functions names: {[f.name for f in self.reward.functions]})")
+        if self.data.val and self.trainer.eval_correct not in {f.name for f in self.reward.functions}:
+            problems.append(f"trainer.eval_correct={self.trainer.eval_correct!r} is not a reward component "
+                            f"(reward.functions names: {[f.name for f in self.reward.functions]}): evaluation "
+                            "judges correctness by it")
         if a.max_sampling_rounds < 1:
             problems.append(f"algorithm.max_sampling_rounds must be >= 1, got {a.max_sampling_rounds}")
         if self.learner.mini_batches < 1 or self.learner.epochs < 1:
             problems.append("learner.mini_batches and learner.epochs must be >= 1")
+        if self.sft.batch_size < self.learner.num_ranks:
+            problems.append(f"sft.batch_size ({self.sft.batch_size}) < learner.num_ranks ({self.learner.num_ranks}): "
+                            "every rank needs an example each SFT step")
         if r.prompts_per_step % self.learner.mini_batches:
             problems.append(f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of "
                             f"learner.mini_batches ({self.learner.mini_batches})")
@@ -350,6 +417,7 @@ class ConfigError(ValueError):
 def _choice_problems(cfg: Config) -> list[str]:
     """Enumerated fields outside their choices."""
     from engine.algorithms import ADVANTAGES, LOSS_AGGREGATIONS
+    from engine.schedule import SCHEDULES
     from kernels.dispatch import BACKENDS
     from kernels.reference import KL_ESTIMATORS
 
@@ -362,6 +430,8 @@ def _choice_problems(cfg: Config) -> list[str]:
         "reward.on_error": (cfg.reward.on_error, ("exclude", "fallback", "raise")),
         "rollout.weight_sync": (cfg.rollout.weight_sync, ("auto", "object_store", "broadcast")),
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "learner.lr_schedule": (cfg.learner.lr_schedule, SCHEDULES),
+        "sft.lr_schedule": (cfg.sft.lr_schedule, SCHEDULES),
     }
     return [f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
             for name, (value, allowed) in choices.items() if value not in allowed]
@@ -372,8 +442,14 @@ def _range_problems(cfg: Config) -> list[str]:
     at_least = {  # field: (value, minimum)
         "trainer.steps": (cfg.trainer.steps, 0), "trainer.eval_every": (cfg.trainer.eval_every, 0),
         "trainer.save_every": (cfg.trainer.save_every, 0), "trainer.eval_max_rows": (cfg.trainer.eval_max_rows, 1),
-        "trainer.keep_last": (cfg.trainer.keep_last, 0),
+        "trainer.keep_last": (cfg.trainer.keep_last, 0), "trainer.eval_n": (cfg.trainer.eval_n, 0),
         "sft.steps": (cfg.sft.steps, 0), "sft.batch_size": (cfg.sft.batch_size, 1),
+        "sft.epochs": (cfg.sft.epochs, 1), "sft.warmup_steps": (cfg.sft.warmup_steps, 0),
+        "sft.max_tokens_per_micro_batch": (cfg.sft.max_tokens_per_micro_batch, 0),
+        "sft.max_length": (cfg.sft.max_length, 2), "sft.eval_every": (cfg.sft.eval_every, 0),
+        "sft.val_max_rows": (cfg.sft.val_max_rows, 1), "sft.save_every": (cfg.sft.save_every, 0),
+        "learner.warmup_steps": (cfg.learner.warmup_steps, 0),
+        "learner.max_tokens_per_micro_batch": (cfg.learner.max_tokens_per_micro_batch, 0),
         "rollout.num_workers": (cfg.rollout.num_workers, 1), "rollout.group_size": (cfg.rollout.group_size, 1),
         "rollout.prompts_per_step": (cfg.rollout.prompts_per_step, 1),
         "rollout.max_new_tokens": (cfg.rollout.max_new_tokens, 1), "rollout.cpu_threads": (cfg.rollout.cpu_threads, 0),
@@ -391,9 +467,16 @@ def _range_problems(cfg: Config) -> list[str]:
         "reward.timeout_s": cfg.reward.timeout_s, "rollout.kv_cache_gib": cfg.rollout.kv_cache_gib,
         "rollout.weight_sync_bucket_mb": cfg.rollout.weight_sync_bucket_mb, "algorithm.adv_eps": cfg.algorithm.adv_eps,
         "trainer.placement_timeout_s": cfg.trainer.placement_timeout_s,
+        "trainer.eval_temperature": cfg.trainer.eval_temperature,
     }
     problems += [f"{name} must be a finite number > 0, got {value}" for name, value in positive.items()
                  if not (math.isfinite(value) and value > 0)]
+    for name, ratio in (("learner.min_lr_ratio", cfg.learner.min_lr_ratio), ("sft.min_lr_ratio", cfg.sft.min_lr_ratio)):
+        if not 0 <= ratio <= 1:
+            problems.append(f"{name} must be in [0, 1], got {ratio}")
+    for tag, weight in cfg.sft.segment_weights.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
+            problems.append(f"sft.segment_weights.{tag} must be a number >= 0, got {weight!r}")
     if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
         problems.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization}")
     if len(cfg.learner.betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.betas):

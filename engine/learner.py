@@ -45,6 +45,11 @@ class Sequence:
     old_logprobs: list[float] | None = None
     """Log-probs of the policy that generated the response (π_old); None: the current policy's."""
     ref_logprobs: list[float] | None = None
+    loss_weights: list[float] | None = None
+    """Supervised loss weight per response token (SFT targets, segment masks); None: 1 each."""
+    vision_in_response: bool = False
+    """The response holds real image placeholders (a later user turn of an SFT conversation). RL
+    responses are sampled: a placeholder there is text, never an image slot."""
 
 
 @dataclass
@@ -54,13 +59,15 @@ class Shard:
     sequences: list[Sequence]
     images: list[tuple[torch.Tensor, torch.Tensor]]
     """(pixel_values, image_grid_thw) per prompt, shared by the prompt's sequences."""
-    num_micro_batches: int
-    """Micro-batches this rank must run (equal on all ranks: empty ones run with zero weight so every
-    rank joins the same number of gradient reductions)."""
+    index: list[int]
+    """Position of each of `sequences` in the step's list (results are returned in this order)."""
+    micro_sizes: list[int]
+    """Sequences per micro-batch, in order (the same count of micro-batches on every rank: empty ones
+    run with zero weight so every rank joins the same number of gradient reductions)."""
     num_seqs: int
     """Sequences in the whole optimizer step (all ranks)."""
-    num_tokens: int
-    """Loss tokens in the whole optimizer step (all ranks)."""
+    num_tokens: float
+    """Loss tokens in the whole optimizer step (all ranks), counted by their loss weights."""
 
 
 class Learner:
@@ -151,9 +158,10 @@ class Learner:
         # model sees the real ids through their embeddings, while the ids it locates image features
         # and rotary positions by have response placeholders blanked (else: "image features and
         # image tokens do not match", or features and positions shifted).
-        stray = torch.isin(ids, torch.tensor(self.vision_token_ids)) & ~in_prompt
+        real = in_prompt | torch.tensor([s.vision_in_response for s in seqs])[:, None]
+        stray = torch.isin(ids, torch.tensor(self.vision_token_ids)) & ~real
         batch = {"ids": ids, "input_ids": ids.masked_fill(stray, 0), "attention_mask": mask,
-                 "mm_token_type_ids": ((ids == self.image_token_id) & in_prompt).int() * IMAGE_TOKEN_TYPE}
+                 "mm_token_type_ids": ((ids == self.image_token_id) & real).int() * IMAGE_TOKEN_TYPE}
         used = [images[s.image] for s in seqs if s.image >= 0]
         if used:
             batch["pixel_values"] = torch.cat([p for p, _ in used])
@@ -166,8 +174,11 @@ class Learner:
         batch["targets"] = torch.tensor([t for s in seqs for t in s.response_ids], dtype=torch.long)
         return batch
 
-    def _token_logprobs(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-prob, entropy) [N] of the response tokens under `model` (the temperature applied)."""
+    def _token_logprobs(self, model: torch.nn.Module, batch: dict[str, Any],
+                        temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob, entropy) [N] of the response tokens under `model` at `temperature` (None: the
+        rollout temperature, which RL's ratios need; supervised losses use 1)."""
+        temperature = self.temperature if temperature is None else temperature
         inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("select", "targets", "ids")}
         embeds = model.model.get_input_embeddings()(batch["ids"].to(self.device))
         hidden = model.model(**inputs, inputs_embeds=embeds, use_cache=False).last_hidden_state
@@ -178,21 +189,20 @@ class Learner:
             # A partitioned LM head is gathered only inside its own forward (whose backward also
             # reduce-scatters its gradient), so the logits are materialised here.
             logp, entropy, _ = logprobs_from_logits(model.lm_head(selected).contiguous(), targets,
-                                                    temperature=self.temperature, backend=self.cfg["logprob_backend"])
+                                                    temperature=temperature, backend=self.cfg["logprob_backend"])
         else:
             logp, entropy, _ = logprobs_from_hidden(selected, model.lm_head.weight, targets,
-                                                    temperature=self.temperature, backend=self.cfg["logprob_backend"])
+                                                    temperature=temperature, backend=self.cfg["logprob_backend"])
         return logp, entropy
 
     def _micro_batches(self, shard: Shard) -> list[list[Sequence]]:
-        n = shard.num_micro_batches
-        size = -(-len(shard.sequences) // n) if shard.sequences else 0
-        return [shard.sequences[i * size:(i + 1) * size] for i in range(n)]
+        ends = torch.tensor(shard.micro_sizes).cumsum(0).tolist()
+        return [shard.sequences[end - size:end] for size, end in zip(shard.micro_sizes, ends)]
 
     @torch.no_grad()
-    def compute_logprobs(self, shard: Shard, which: str) -> list[list[float]]:
+    def compute_logprobs(self, shard: Shard, which: str, temperature: float | None = None) -> list[list[float]]:
         """Per-sequence log-probs of the response tokens under the current policy ("old") or the
-        frozen reference ("ref"), for the KL-in-reward and multi-update paths."""
+        frozen reference ("ref"), at `temperature` (None: the rollout temperature)."""
         model = self.ref if which == "ref" else self.engine.module
         was_training = model.training
         model.eval()
@@ -200,22 +210,22 @@ class Learner:
         for mb in self._micro_batches(shard):
             if not mb:
                 if self.zero3 and which == "old":  # join the other ranks' parameter gathers
-                    self._token_logprobs(model, self._collate(shard.sequences[:1], shard.images))
+                    self._token_logprobs(model, self._collate(shard.sequences[:1], shard.images), temperature)
                 continue
-            logp, _ = self._token_logprobs(model, self._collate(mb, shard.images))
+            logp, _ = self._token_logprobs(model, self._collate(mb, shard.images), temperature)
             out.extend(x.tolist() for x in logp.float().cpu().split([len(s.response_ids) for s in mb]))
         model.train(was_training)
         return out
 
     # ---- updates ----
 
-    def _backward_micro(self, mb: list[Sequence], shard: Shard, loss_fn) -> dict[str, float]:
+    def _backward_micro(self, mb: list[Sequence], shard: Shard, loss_fn, temperature: float | None) -> dict[str, float]:
         """Forward + backward of one micro-batch; `loss_fn(batch, logp, entropy, seqs)` returns the
         per-token weighted loss [N] whose sum is this micro-batch's share of the step's loss."""
         empty = not mb
         seqs = mb or shard.sequences[:1]
         batch = self._collate(seqs, shard.images)
-        logp, entropy = self._token_logprobs(self.engine.module, batch)
+        logp, entropy = self._token_logprobs(self.engine.module, batch, temperature)
         weighted, stats = loss_fn(batch, logp, entropy, seqs)
         if empty:
             weighted = weighted * 0.0  # joins the gradient reduction, contributes nothing
@@ -268,37 +278,39 @@ class Learner:
 
     def _sft_loss(self, shard: Shard):
         def loss_fn(batch, logp, entropy, seqs):
-            w = 1.0 / shard.num_tokens
+            w = torch.tensor([x for s in seqs for x in (s.loss_weights or [1.0] * len(s.response_ids))],
+                             dtype=torch.float32, device=logp.device) / shard.num_tokens
             return -logp * w, {"sft/nll": float(-(logp.detach().float() * w).sum())}
         return loss_fn
 
-    def _optimizer_step(self, shard: Shard, loss_fn, lr: float) -> dict[str, float]:
+    def _optimizer_step(self, shard: Shard, loss_fn, lr: float, temperature: float | None = None) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.train()
         stats: dict[str, float] = {}
         t0 = time.perf_counter()
         for mb in self._micro_batches(shard):
-            for k, v in self._backward_micro(mb, shard, loss_fn).items():
+            for k, v in self._backward_micro(mb, shard, loss_fn, temperature).items():
                 stats[k] = stats.get(k, 0.0) + v
         self.engine.step()
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0) / self.world_size
         stats["learner/update_s"] = (time.perf_counter() - t0) / self.world_size
         return stats
 
-    def update(self, shards: list[Shard]) -> dict[str, float]:
+    def update(self, shards: list[Shard], lr: float) -> dict[str, float]:
         """One RL step: an optimizer step per shard (PPO mini-batch), repeated `epochs` times.
         Returns this rank's weighted statistic sums (the driver adds the ranks)."""
         total: dict[str, float] = {}
         for _ in range(self.cfg["epochs"]):
             for shard in shards:
-                for k, v in self._optimizer_step(shard, self._rl_loss(shard), self.cfg["lr"]).items():
+                for k, v in self._optimizer_step(shard, self._rl_loss(shard), lr).items():
                     total[k] = total.get(k, 0.0) + v / (len(shards) * self.cfg["epochs"])
         return total
 
     def sft_update(self, shard: Shard, lr: float) -> dict[str, float]:
-        """One supervised step: mean negative log-likelihood of the response tokens."""
-        return self._optimizer_step(shard, self._sft_loss(shard), lr)
+        """One supervised step: negative log-likelihood of the response tokens, averaged with their
+        loss weights over the whole step."""
+        return self._optimizer_step(shard, self._sft_loss(shard), lr, temperature=1.0)
 
     @torch.no_grad()
     def start_rl_stage(self) -> None:

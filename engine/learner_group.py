@@ -33,17 +33,45 @@ def split_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
     return [sorted(r) for r in ranks]
 
 
-def make_shards(sequences: list[Sequence], images: list[Any], world_size: int, micro_batch_size: int) -> list[Shard]:
-    """One optimizer step's sequences as a shard per rank (images re-indexed per shard)."""
-    split = split_across_ranks([len(s.prompt_ids) + len(s.response_ids) for s in sequences], world_size)
-    num_micro = max(1, max(-(-len(idx) // micro_batch_size) for idx in split))
-    num_tokens = sum(len(s.response_ids) for s in sequences)
+def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[int]:
+    """Sizes of consecutive micro-batches of sequences with these lengths such that each padded
+    micro-batch (its size × its longest sequence) stays within `max_tokens`. A sequence longer than
+    the budget gets a micro-batch of its own (trained, never dropped)."""
+    sizes: list[int] = []
+    longest = 0
+    for n in lengths:
+        if sizes and (sizes[-1] + 1) * max(longest, n) <= max_tokens:
+            sizes[-1] += 1
+            longest = max(longest, n)
+        else:
+            sizes.append(1)
+            longest = n
+    return sizes
+
+
+def make_shards(sequences: list[Sequence], images: list[Any], world_size: int, micro_batch_size: int,
+                max_tokens: int = 0) -> list[Shard]:
+    """One optimizer step's sequences as a shard per rank (images re-indexed per shard), cut into
+    micro-batches of `micro_batch_size` sequences, or by padded token count when `max_tokens` > 0
+    (each rank's sequences sorted by length so that similar lengths share a micro-batch). Every rank
+    gets the same number of micro-batches (padded with empty ones)."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
+    split = split_across_ranks(lengths, world_size)
+    if max_tokens > 0:
+        split = [sorted(idx, key=lambda i: lengths[i]) for idx in split]
+        sizes = [pack_by_tokens([lengths[i] for i in idx], max_tokens) for idx in split]
+    else:
+        sizes = [[min(micro_batch_size, len(idx) - k) for k in range(0, len(idx), micro_batch_size)] for idx in split]
+    num_micro = max(1, max(len(s) for s in sizes))
+    num_tokens = float(sum(sum(s.loss_weights) if s.loss_weights is not None else len(s.response_ids)
+                           for s in sequences))
     shards = []
-    for idx in split:
+    for idx, micro in zip(split, sizes):
         used = sorted({sequences[i].image for i in idx if sequences[i].image >= 0})
         remap = {old: new for new, old in enumerate(used)}
         seqs = [Sequence(**{**vars(sequences[i]), "image": remap.get(sequences[i].image, -1)}) for i in idx]
-        shards.append(Shard(sequences=seqs, images=[images[i] for i in used], num_micro_batches=num_micro,
+        shards.append(Shard(sequences=seqs, images=[images[i] for i in used], index=list(idx),
+                            micro_sizes=micro + [0] * (num_micro - len(micro)),
                             num_seqs=len(sequences), num_tokens=num_tokens))
     return shards
 
@@ -70,10 +98,13 @@ def split_mini_batches(group_ids: list[int], k: int, min_size: int) -> list[list
 
 
 class LearnerGroup:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, use_reference: bool | None = None):
+        """`use_reference`: load the frozen KL reference on every rank (None: cfg.uses_reference)."""
         lc = cfg.learner
         self.world_size = lc.num_ranks
         self.micro_batch_size = lc.micro_batch_size
+        self.max_tokens = lc.max_tokens_per_micro_batch
+        self.lr = lc.lr
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
         self._pg = reserve([bundle] * lc.num_ranks, "learner ranks", cfg.trainer.placement_timeout_s)
         actor = ray.remote(Learner)
@@ -83,7 +114,8 @@ class LearnerGroup:
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r))
             .remote(model=vars(cfg.model), learner=vars(lc), algorithm=vars(cfg.algorithm),
                     temperature=cfg.rollout.temperature, max_response_len=cfg.rollout.max_new_tokens,
-                    use_reference=cfg.uses_reference, seed=cfg.trainer.seed)
+                    use_reference=cfg.uses_reference if use_reference is None else use_reference,
+                    seed=cfg.trainer.seed)
             for r in range(lc.num_ranks)
         ]
         master, port = ray.get(self.ranks[0].endpoint.remote())
@@ -92,26 +124,29 @@ class LearnerGroup:
     def wait_ready(self) -> None:
         ray.get(self._starting)
 
-    def _shards(self, sequences: list[Sequence], images: list[Any]) -> list[Shard]:
-        return make_shards(sequences, images, self.world_size, self.micro_batch_size)
+    def _shards(self, sequences: list[Sequence], images: list[Any], max_tokens: int | None = None) -> list[Shard]:
+        return make_shards(sequences, images, self.world_size, self.micro_batch_size,
+                           self.max_tokens if max_tokens is None else max_tokens)
 
-    def compute_logprobs(self, sequences: list[Sequence], images: list[Any], which: str) -> list[list[float]]:
-        """Per-sequence response log-probs under the current policy ("old") or the reference ("ref")."""
+    def compute_logprobs(self, sequences: list[Sequence], images: list[Any], which: str,
+                         temperature: float | None = None) -> list[list[float]]:
+        """Per-sequence response log-probs under the current policy ("old") or the reference ("ref"),
+        at `temperature` (None: the rollout temperature)."""
         n = len(sequences)
         # Every rank gets a sequence (repeats of the first, results dropped): under ZeRO-3 each
         # forward is a collective that all ranks join.
         sequences = sequences + sequences[:1] * max(0, self.world_size - n)
-        split = split_across_ranks([len(s.prompt_ids) + len(s.response_ids) for s in sequences], self.world_size)
         shards = self._shards(sequences, images)
-        parts = ray.get([a.compute_logprobs.remote(s, which) for a, s in zip(self.ranks, shards)])
+        parts = ray.get([a.compute_logprobs.remote(s, which, temperature) for a, s in zip(self.ranks, shards)])
         out: list[list[float]] = [[] for _ in sequences]
-        for idx, part in zip(split, parts):
-            for i, lp in zip(idx, part):
+        for shard, part in zip(shards, parts):
+            for i, lp in zip(shard.index, part):
                 out[i] = lp
         return out[:n]
 
-    def update(self, mini_batches: list[list[Sequence]], images: list[Any]) -> dict[str, float]:
-        """One RL step over the given PPO mini-batches; returns statistics summed over ranks."""
+    def update(self, mini_batches: list[list[Sequence]], images: list[Any], lr: float | None = None) -> dict[str, float]:
+        """One RL step over the given PPO mini-batches at learning rate `lr` (None: learner.lr);
+        returns statistics summed over ranks."""
         thin = [len(mb) for mb in mini_batches if len(mb) < self.world_size]
         if thin or not mini_batches:
             raise ValueError(f"every PPO mini-batch needs at least one sequence per learner rank "
@@ -120,10 +155,15 @@ class LearnerGroup:
         for mb in mini_batches:
             for r, shard in enumerate(self._shards(mb, images)):
                 per_rank[r].append(shard)
-        return _sum(ray.get([a.update.remote(s) for a, s in zip(self.ranks, per_rank)]))
+        lr = self.lr if lr is None else lr
+        return _sum(ray.get([a.update.remote(s, lr) for a, s in zip(self.ranks, per_rank)]))
 
-    def sft_update(self, sequences: list[Sequence], images: list[Any], lr: float) -> dict[str, float]:
-        shards = self._shards(sequences, images)
+    def sft_update(self, sequences: list[Sequence], images: list[Any], lr: float, max_tokens: int = 0) -> dict[str, float]:
+        """One supervised optimizer step; micro-batches by padded token count when `max_tokens` > 0."""
+        if len(sequences) < self.world_size:
+            raise ValueError(f"an SFT step needs at least one example per learner rank ({self.world_size}); "
+                             f"got {len(sequences)}")
+        shards = self._shards(sequences, images, max_tokens)
         return _sum(ray.get([a.sft_update.remote(s, lr) for a, s in zip(self.ranks, shards)]))
 
     def start_rl_stage(self) -> None:

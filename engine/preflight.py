@@ -34,11 +34,11 @@ class RunData:
 def preflight(cfg: Config) -> RunData:
     """Checks paths, files and hardware (all problems reported together), then loads and checks the
     rows; raises ConfigError, or DataError for a bad row under data.bad_rows=fatal."""
-    problems = _model_problems(cfg.model.path, "model.path")
+    problems = model_problems(cfg.model.path, "model.path")
     if cfg.reward.judge_model:
-        problems += _model_problems(cfg.reward.judge_model, "reward.judge_model")
+        problems += model_problems(cfg.reward.judge_model, "reward.judge_model")
     if cfg.model.reference_path:
-        problems += _model_problems(cfg.model.reference_path, "model.reference_path")
+        problems += model_problems(cfg.model.reference_path, "model.reference_path")
     problems += _deepspeed_problems(cfg.learner.deepspeed_config)
     for name, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
         if path is not None and not os.path.isfile(path):
@@ -69,6 +69,25 @@ def preflight(cfg: Config) -> RunData:
     return RunData(train=train, skipped=skipped, val=val)
 
 
+def preflight_sft(cfg: Config) -> None:
+    """The SFT stage's start-up checks: model, DeepSpeed config, data files and resume path (the rows
+    are read and checked by the stage itself, bad ones skipped or fatal by data.bad_rows)."""
+    problems = model_problems(cfg.model.path, "model.path") + _deepspeed_problems(cfg.learner.deepspeed_config)
+    if cfg.sft.train is None:
+        problems.append("sft.train is not set: the SFT stage needs a data file")
+    for name, path in (("sft.train", cfg.sft.train), ("sft.val", cfg.sft.val)):
+        if path is not None and not os.path.isfile(path):
+            problems.append(f"{name}: {_where(path)} is not a file")
+    if cfg.trainer.resume not in ("auto", "off"):
+        from engine.checkpoint import problem
+
+        why = problem(cfg.trainer.resume)
+        if why is not None:
+            problems.append(f"trainer.resume: {why} (use auto, off or a complete checkpoint folder)")
+    if problems:
+        raise ConfigError("the SFT stage cannot start:\n  " + "\n  ".join(problems))
+
+
 def check_cluster(cfg: Config, available: dict[str, float]) -> None:
     """Fails at once when the Ray cluster (its total `available` resources, e.g.
     `ray.cluster_resources()`) cannot hold the run's actors at all, naming the resource."""
@@ -97,7 +116,7 @@ def _where(path: str) -> str:
     return path if os.path.isabs(path) else f"{path} (resolved against {os.getcwd()})"
 
 
-def _model_problems(path: str, name: str) -> list[str]:
+def model_problems(path: str, name: str) -> list[str]:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         return [f"{name}: {_where(path)} is not a Hugging Face model folder (no config.json there); models "
                 "are read from local folders only, never looked up on a hub"]

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from engine.config import Config
 from engine.data import Prompt, PromptStream
 from engine.metrics import PhaseTimer
 from rewards import RewardInput, RewardRunner
+from rollout.pool import RolloutPool
 from rollout.records import GroupRequest, GroupResult, from_record, to_record
 
 log = logging.getLogger("pathorl.sampler")
@@ -81,6 +83,22 @@ class StepRollout:
     reward_errors: int = 0
 
 
+def start_pool(cfg: Config, model_path: str) -> RolloutPool:
+    """The rollout pool of `cfg.rollout` serving `model_path` (engines start in the background;
+    `wait_ready` blocks until they are up)."""
+    r, gpu = cfg.rollout, bool(cfg.learner.num_gpus)
+    return RolloutPool(
+        model_path, r.num_workers, sampling=dict(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens),
+        dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed, kv_cache_gib=r.kv_cache_gib,
+        gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+        tensor_parallel_size=r.tensor_parallel_size, num_cpus_per_worker=r.num_cpus_per_worker,
+        num_gpus_per_worker=1.0 if gpu else 0.0,
+        env_vars=None if gpu else {"OMP_NUM_THREADS": str(r.cpu_threads or os.cpu_count())},
+        weight_transport=r.weight_sync if r.weight_sync != "auto" else ("broadcast" if gpu else "object_store"),
+        bucket_mb=r.weight_sync_bucket_mb, max_images_per_prompt=cfg.data.max_images_per_prompt,
+        placement_timeout_s=cfg.trainer.placement_timeout_s)
+
+
 def rollout_seed(run_seed: int, uid: str, epoch: int) -> int:
     """vLLM seed of a training group: a function of (run seed, row id, epoch) alone, so a resumed run
     samples what the uninterrupted run sampled; vLLM gives sample i of the group seed + i."""
@@ -97,13 +115,16 @@ class GroupSampler:
 
     def submit(self, prompts: list[Prompt], n: int, sampling: dict | None = None) -> dict[str, Prompt]:
         """Sends prompts to the pool; returns them by request uid (row id + a counter, unique).
-        Without `sampling` (training draws) each group gets its own seed (`rollout_seed`)."""
+        With rollout.group_seeds every group gets its own seed (`rollout_seed`) unless `sampling`
+        names one; greedy requests ignore it."""
         by_uid = {}
         for p in prompts:
             self._uid += 1
             by_uid[f"{p.uid}#{self._uid}"] = p
-        self.pool.submit([GroupRequest(uid=u, prompt=p.text, images=p.images, n=n, sampling=sampling or {
-            "seed": rollout_seed(self.cfg.trainer.seed, p.uid, p.epoch)}) for u, p in by_uid.items()])
+        seeded = self.cfg.rollout.group_seeds
+        self.pool.submit([GroupRequest(uid=u, prompt=p.text, images=p.images, n=n, sampling={
+            **({"seed": rollout_seed(self.cfg.trainer.seed, p.uid, p.epoch)} if seeded else {}), **(sampling or {})})
+            for u, p in by_uid.items()])
         return by_uid
 
     def score(self, results: list[GroupResult], inflight: dict[str, Prompt], out: StepRollout) -> list[ScoredGroup]:

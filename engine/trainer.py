@@ -11,7 +11,9 @@
 
 Each phase is timed (`timing/<phase>`), the step's metrics are appended to
 runs/<run name>/metrics.jsonl and its groups' fates to ledger.jsonl (engine/ledger.py). A run with a
-checkpoint in its folder continues from it (`trainer.resume`).
+checkpoint in its folder continues from it (`trainer.resume`). Before step 1: the optional SFT
+format warm-up (engine/sft.py's loop) and a step-0 evaluation; after the last step the final model
+is exported to runs/<run name>/hf.
 """
 
 from __future__ import annotations
@@ -22,44 +24,27 @@ import random
 import time
 from typing import Any
 
-import numpy as np
 import ray
 import torch
-import yaml
 
 from engine import algorithms as A
 from engine import checkpoint, ledger
+from engine import sft as sft_stage
 from engine.config import Config, to_dict
-from engine.data import PromptBuilder, PromptStream
+from engine.data import DataError, PromptBuilder, PromptStream
+from engine.evaluate import evaluate_prompts, flat_metrics, summarize
 from engine.learner import Sequence
 from engine.learner_group import LearnerGroup, split_mini_batches
 from engine.metrics import MetricsLog, PhaseTimer, mean
 from engine.preflight import RunData, check_cluster, preflight
-from engine.sampler import GroupSampler, ScoredGroup, StepRollout
+from engine.sampler import GroupSampler, ScoredGroup, StepRollout, start_pool
+from engine.schedule import lr_at
+from engine.sft_data import Example, ExampleBuilder, normalise
 from rewards import RewardRunner, RewardSpec
 from rewards.judge import start_judge_actor
-from rollout.pool import RolloutPool
 from rollout.records import RolloutLog, to_record
 
 log = logging.getLogger("pathorl.trainer")
-
-
-def archive_previous_run(run_dir: str) -> str | None:
-    """Moves an earlier run's records (metrics.jsonl, ledger.jsonl, rollouts/, checkpoints/,
-    config.yaml) under `run_dir` into `run_dir/previous-<time>/` and returns that folder (None when
-    there was no earlier run). Without it a rerun under the same name appends to the old metrics and
-    its summary mixes two runs; moving rather than deleting keeps the earlier run's record."""
-    names = [n for n in ("metrics.jsonl", "ledger.jsonl", "rollouts", "checkpoints", "config.yaml")
-             if os.path.exists(os.path.join(run_dir, n))]
-    if "metrics.jsonl" not in names:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(os.path.join(run_dir, "metrics.jsonl"))))
-    dest = os.path.join(run_dir, f"previous-{stamp}")
-    os.makedirs(dest)
-    for name in names:
-        os.replace(os.path.join(run_dir, name), os.path.join(dest, name))
-    log.warning("run folder %s held an earlier run: moved its %s to %s", run_dir, ", ".join(names), dest)
-    return dest
 
 
 class Trainer:
@@ -73,15 +58,8 @@ class Trainer:
         check_cluster(cfg, ray.cluster_resources())
         self.run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
         self.ledger_path = os.path.join(self.run_dir, checkpoint.LEDGER)
-        resume = checkpoint.resolve(cfg.trainer.resume, self.run_dir, cfg.trainer.steps)
-        state = checkpoint.check_continuation(resume, to_dict(cfg), cfg.uses_reference, self.run_dir) if resume else None
-        os.makedirs(self.run_dir, exist_ok=True)
-        if state is None:
-            archive_previous_run(self.run_dir)
-        else:
-            checkpoint.cut_records(self.run_dir, state)
-        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        resume, state = checkpoint.open_run(self.run_dir, to_dict(cfg), cfg.trainer.resume, cfg.trainer.steps,
+                                            cfg.uses_reference, "rl")
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
         self.processor = AutoProcessor.from_pretrained(cfg.model.path)
         self.tokenizer = self.processor.tokenizer
@@ -102,19 +80,7 @@ class Trainer:
             [RewardSpec(f.name, f.fn, f.weight, dict(f.kwargs), timeout_s=f.timeout_s) for f in cfg.reward.functions],
             num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, on_error=cfg.reward.on_error,
             fallback_score=cfg.reward.fallback_score)
-        r = cfg.rollout
-        self.pool = RolloutPool(
-            cfg.model.path, r.num_workers,
-            sampling=dict(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens),
-            dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed, kv_cache_gib=r.kv_cache_gib,
-            gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-            tensor_parallel_size=r.tensor_parallel_size, num_cpus_per_worker=r.num_cpus_per_worker,
-            num_gpus_per_worker=1.0 if cfg.learner.num_gpus else 0.0,
-            env_vars=None if cfg.learner.num_gpus else {"OMP_NUM_THREADS": str(r.cpu_threads or os.cpu_count())},
-            weight_transport=r.weight_sync if r.weight_sync != "auto" else (
-                "broadcast" if cfg.learner.num_gpus else "object_store"),
-            bucket_mb=r.weight_sync_bucket_mb, max_images_per_prompt=cfg.data.max_images_per_prompt,
-            placement_timeout_s=cfg.trainer.placement_timeout_s)
+        self.pool = start_pool(cfg, cfg.model.path)
         self.learners = LearnerGroup(cfg)
         self.pool.wait_ready()
         self.learners.wait_ready()
@@ -131,9 +97,7 @@ class Trainer:
         self.learners.load_state(os.path.join(path, "learner"))
         self.stream.load_state_dict(state["stream"])
         self.sampler.load_state_dict(state["sampler"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        checkpoint.set_rng_state(state["rng"])
         self.sync_weights()
         self.start_step = state["step"] + 1
         log.info("resumed from %s in %.1f s: continuing at step %d", path, time.perf_counter() - t0, self.start_step)
@@ -145,7 +109,7 @@ class Trainer:
         state = {"step": step, "stage": "rl", "finished": step == self.cfg.trainer.steps, "config": to_dict(self.cfg),
                  "uses_reference": self.cfg.uses_reference,
                  "stream": self.stream.state_dict(), "sampler": self.sampler.state_dict(),
-                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                 "rng": checkpoint.rng_state(),
                  "ledger_lines": checkpoint.count_rows(self.ledger_path, step), "record": record}
         path = checkpoint.commit(tmp, state)
         for old in checkpoint.prune(self.run_dir, self.cfg.trainer.keep_last):
@@ -214,6 +178,8 @@ class Trainer:
         cfg = self.cfg
         if self.start_step == 1:
             self.sft_warmup()
+            if cfg.trainer.eval_before_train:
+                self.metrics.write({"stage": "rl", "step": 0, **self.evaluate()})
         for step in range(self.start_step, cfg.trainer.steps + 1):
             timer = PhaseTimer()
             t_step = time.perf_counter()
@@ -239,8 +205,11 @@ class Trainer:
             stats: dict[str, float] = {}
             mini_batches = self._mini_batches(step, train, origin, seqs)
             if mini_batches:
+                lc = cfg.learner
+                lr = lr_at(step, cfg.trainer.steps, lc.lr, lc.lr_schedule, lc.warmup_steps, lc.min_lr_ratio)
                 with timer("update"):
-                    stats = self.learners.update(mini_batches, images)
+                    stats = self.learners.update(mini_batches, images, lr)
+                stats["learner/lr"] = lr
                 stats["learner/mini_batches"] = float(len(mini_batches))
                 stats["learner/sequences"] = float(len(train))
                 self.sampler.stats.tokens_trained += sum(len(s.response_ids) for s in train)
@@ -267,6 +236,8 @@ class Trainer:
             log.info("step %d  reward %.3f  acc %s  len %.1f  kl %s  %.1fs", step, record.get("reward/mean", float("nan")),
                      _fmt(record.get("reward/accuracy")), record.get("response_length/mean", float("nan")),
                      _fmt(record.get("kl")), step_s)
+        # The final model at a fixed place, for the next stage's model.path and launch/eval.py.
+        log.info("final model: %s", self.learners.save(os.path.join(self.run_dir, "hf")))
 
     def _records(self, step: int, rollout: StepRollout) -> list[dict]:
         """The step's groups as msgpack records with the row, the rewards and the components."""
@@ -320,9 +291,10 @@ class Trainer:
     # ---- SFT warm-up, evaluation ----
 
     def sft_warmup(self) -> None:
-        """Supervised warm-up on format examples: each sampled row is trained once with every one of
-        its options as the answer, so it teaches the output format and, at its optimum, no preference
-        among a row's options (one random option per row adds image-answer noise that RL must undo)."""
+        """Supervised warm-up on format examples, through the SFT stage's loop: each sampled row is
+        trained once with every one of its options as the answer, so it teaches the output format
+        and, at its optimum, no preference among a row's options (one random option per row adds
+        image-answer noise that RL must undo)."""
         sft = self.cfg.sft
         if sft.steps <= 0:
             return
@@ -330,50 +302,43 @@ class Trainer:
         rows = [r for r in self.stream.rows if r["options"]]
         if not rows:
             raise ValueError("sft.steps > 0 needs multiple-choice rows (with options) in data.train")
-        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        for k in range(1, sft.steps + 1):
-            timer = PhaseTimer()
-            with timer("data"):
-                seqs, images = [], []
-                for row in rng.sample(rows, min(sft.batch_size, len(rows))):
+        builder = ExampleBuilder(self.processor, "", sft.segment_weights, sft.max_length)
+
+        def batch() -> list[Example]:
+            out = []
+            for row in rng.sample(rows, min(sft.batch_size, len(rows))):
+                for option in row["options"]:
+                    response = sft.response_template.format(think=sft.think, answer=option)
+                    fields = {"id": row["id"], "images": row["images"], "question": row["question"],
+                              "options": row["options"], "response": response}
                     try:
-                        prompt = self.builder.build(row)
-                    except ValueError as e:
+                        out.append(builder.build(normalise(fields, row["_where"], self.cfg.data.system_prompt, "")))
+                    except DataError as e:
                         log.warning("sft: skipping bad row: %s", e)
-                        continue
-                    image = -1
-                    if prompt.pixel_values is not None:
-                        images.append((prompt.pixel_values, prompt.image_grid_thw))
-                        image = len(images) - 1
-                    for option in row["options"]:
-                        text = sft.response_template.format(think=sft.think, answer=option)
-                        seqs.append(Sequence(prompt_ids=prompt.prompt_ids, image=image,
-                                             response_ids=self.tokenizer(text)["input_ids"] + [eos]))
-            with timer("update"):
-                stats = self.learners.sft_update(seqs, images, sft.lr)
-            self.metrics.write({"stage": "sft", "sft_step": k, **stats, **timer.metrics()})
-            if k % 10 == 0 or k == sft.steps:
-                log.info("sft %d/%d  nll %.3f", k, sft.steps, stats.get("sft/nll", float("nan")))
+                        break
+            return out
+
+        sft_stage.train(self.learners, sft, self.metrics, sft.steps, batch)
         self.learners.start_rl_stage()
         self.sync_weights()
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy answers on up to `eval_max_rows` validation rows."""
+        """Greedy responses (and trainer.eval_n samples) on up to `eval_max_rows` validation rows: the
+        metrics of engine/evaluate.py as eval/<metric> and eval/<data_source>/<metric>, and the
+        greedy responses' mean reward as eval/reward/mean."""
         if not self.val_rows:
             return {}
+        t = self.cfg.trainer
         prompts = []
-        for row in self.val_rows[: self.cfg.trainer.eval_max_rows]:
+        for row in self.val_rows[: t.eval_max_rows]:
             try:
                 prompts.append(self.builder.build(row))
-            except ValueError as e:
+            except DataError as e:
                 log.warning("eval: skipping bad row: %s", e)
-        groups = self.sampler.generate(prompts, 1, sampling={"temperature": 0.0}).seen
-        record = {"eval/rows": float(len(groups))}
-        scores = [s for g in groups for s in g.scores if s is not None]
-        record["eval/reward/mean"] = mean(scores)
-        for name in self.cfg.reward.functions:
-            record[f"eval/reward/{name.name}"] = mean(v for g in groups for v in g.components.get(name.name, [])
-                                                      if v is not None)
+        rows = evaluate_prompts(self.sampler, prompts, t.eval_n, t.eval_temperature, t.eval_correct,
+                                t.eval_correct_threshold)
+        record = flat_metrics(summarize(rows, t.eval_n))
+        record["eval/reward/mean"] = mean(r.greedy_reward for r in rows if r.greedy_reward is not None)
         return record
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs one config through a local Ray head it starts and stops: `launch/demo.sh [config.yaml] [overrides…]`.
+# Runs configs through a local Ray head it starts and stops: `launch/demo.sh [a.yaml[,b.yaml…]] [overrides…]`.
 # Used by `make demo`; the environment (.venv) and the tiny model + demo data must exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,16 +33,23 @@ for _ in $(seq 120); do
 done
 
 address="http://127.0.0.1:$dashboard_port"
-# The dashboard can answer before its job agent is up ("No available agent to submit job"), so the
-# submission is retried under a fixed id; a retry never starts the job twice.
-job="pathorl-$(date +%Y%m%d-%H%M%S)"
-for _ in $(seq 30); do
-  ray job submit --address "$address" --submission-id "$job" --no-wait -- \
-    python launch/rl.py --config "$config" "$@" >/dev/null 2>&1 && break
-  ray job status --address "$address" "$job" >/dev/null 2>&1 && break
-  sleep 2
+# Several configs, comma-separated, run in order as one job each (the stages of a pipeline). A config
+# that sets sft.train is an SFT stage (launch/sft.py), any other an RL run (launch/rl.py).
+IFS=',' read -ra configs <<< "$config"
+for config in "${configs[@]}"; do
+  entry=$(python -c "import sys; from engine.config import load_config; \
+print('launch/sft.py' if load_config(sys.argv[1]).sft.train else 'launch/rl.py')" "$config")
+  # The dashboard can answer before its job agent is up ("No available agent to submit job"), so the
+  # submission is retried under a fixed id; a retry never starts the job twice.
+  job="pathorl-$(date +%Y%m%d-%H%M%S)"
+  for _ in $(seq 30); do
+    ray job submit --address "$address" --submission-id "$job" --no-wait -- \
+      python "$entry" --config "$config" "$@" >/dev/null 2>&1 && break
+    ray job status --address "$address" "$job" >/dev/null 2>&1 && break
+    sleep 2
+  done
+  ray job logs --address "$address" --follow "$job"
+  status=$(ray job status --address "$address" "$job" 2>&1 || true)
+  [[ "$status" == *"Job '$job' succeeded"* ]] || { echo "$status" >&2; echo "demo: job $job did not succeed" >&2; exit 1; }
+  python launch/summarize_run.py --config "$config" "$@"
 done
-ray job logs --address "$address" --follow "$job"
-status=$(ray job status --address "$address" "$job" 2>&1 || true)
-[[ "$status" == *"Job '$job' succeeded"* ]] || { echo "$status" >&2; echo "demo: job $job did not succeed" >&2; exit 1; }
-python launch/summarize_run.py --config "$config" "$@"

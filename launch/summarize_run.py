@@ -1,4 +1,5 @@
-"""Prints what a run learned: the reward curve (first vs last steps), evaluation and timings.
+"""Prints what a run learned: the reward curve (first vs last steps), evaluation and timings (an SFT
+stage: its training and validation loss).
 
     python launch/summarize_run.py --config launch/configs/demo.yaml [overrides…]
 """
@@ -14,9 +15,12 @@ from engine.config import load_config  # noqa: E402
 
 
 def summarize(records: list[dict], window: int = 5) -> dict:
-    rl = [r for r in records if r.get("stage") == "rl"]
+    rl = [r for r in records if r.get("stage") == "rl" and r.get("step", 0) >= 1]  # step 0: the baseline eval
     if not rl:
-        return {}
+        sft = [r for r in records if r.get("stage") == "sft"]
+        val = [r["sft/val_nll"] for r in sft if "sft/val_nll" in r]
+        return {"sft_steps": len(sft), "sft/nll": {"first": sft[0].get("sft/nll"), "last": sft[-1].get("sft/nll")},
+                "sft/val_nll": {"first": val[0], "last": val[-1]} if val else None} if sft else {}
     first, last = rl[:window], rl[-window:]
 
     def avg(rows, key):
@@ -27,7 +31,7 @@ def summarize(records: list[dict], window: int = 5) -> dict:
     for key in ("reward/mean", "reward/accuracy", "reward/format", "response_length/mean"):
         out[key] = {"first": avg(first, key), "last": avg(last, key)}
     out["reward_gain"] = out["reward/mean"]["last"] - out["reward/mean"]["first"]
-    evals = [r for r in rl if "eval/reward/mean" in r]
+    evals = [r for r in records if r.get("stage") == "rl" and "eval/reward/mean" in r]
     if evals:
         out["eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
     out["seconds"] = {"rl_steps": sum(r.get("timing/step", 0.0) for r in rl),

@@ -3,7 +3,9 @@ an SFT warm-up and RL steps through `Trainer.fit`, then the checks that matter f
 
 (a) metrics.jsonl has the per-step keys, and the final checkpoint loads in transformers and vLLM;
 (b) after the weight sync, the rollout engine's log-probs of a fixed sequence equal the learner's
-    (tolerance 1e-4; fp32 on both sides agrees to ~2e-6) and differ from before the updates.
+    (tolerance 1e-4; fp32 on both sides agrees to ~2e-6) and differ from before the updates;
+(c) a step-0 evaluation (trainer.eval_before_train) with pass@k, and the standalone evaluator
+    (launch/eval.py) on the final model reproduces the run's last greedy evaluation.
 """
 
 import json
@@ -13,8 +15,10 @@ import ray
 import torch
 
 from engine.config import load_config
+from engine.evaluate import summarize
 from engine.learner import Sequence
 from engine.trainer import Trainer
+from launch.eval import evaluate_model
 
 REQUIRED = ["step", "reward/mean", "reward/format", "reward/accuracy", "response_length/mean", "loss", "kl",
             "throughput/tokens_per_s", "timing/rollout", "timing/reward", "timing/filter", "timing/old_ref_logprobs",
@@ -32,7 +36,8 @@ def test_train_sync_and_checkpoint(ray_session, tiny_model, demo_data, tmp_path)
         f"model.path={tiny_model}", f"data.train={demo_data}/train.jsonl", f"data.val={demo_data}/val.jsonl",
         f"trainer.output_dir={tmp_path}", "trainer.run_name=it", "trainer.steps=2", "trainer.eval_max_rows=4",
         "sft.steps=3", "sft.batch_size=4", "rollout.prompts_per_step=3", "rollout.group_size=4",
-        "rollout.max_new_tokens=24", "rollout.temperature=1.0", "learner.lr=1e-3"])
+        "rollout.max_new_tokens=24", "rollout.temperature=1.0", "learner.lr=1e-3", "trainer.eval_before_train=true",
+        "trainer.eval_n=2"])
     trainer = Trainer(cfg)
     try:
         worker = trainer.pool.workers[0]
@@ -55,8 +60,9 @@ def test_train_sync_and_checkpoint(ray_session, tiny_model, demo_data, tmp_path)
         trainer.close()
 
     records = [json.loads(line) for line in open(tmp_path / "it" / "metrics.jsonl")]
-    assert [r["sft_step"] for r in records if r["stage"] == "sft"] == [1, 2, 3]
-    rl = [r for r in records if r["stage"] == "rl"]
+    assert [r["step"] for r in records if r["stage"] == "sft"] == [1, 2, 3]
+    baseline, *rl = [r for r in records if r["stage"] == "rl"]
+    assert baseline["step"] == 0 and baseline["eval/rows"] == 4 and "eval/pass@2" in baseline
     assert [r["step"] for r in rl] == [1, 2]
     for record in rl:
         missing = [k for k in REQUIRED if k not in record]
@@ -78,3 +84,13 @@ def test_train_sync_and_checkpoint(ray_session, tiny_model, demo_data, tmp_path)
     assert (from_checkpoint - after).abs().max() < 1e-4
     ray.kill(fresh)
     assert os.path.exists(os.path.join(checkpoint, "tokenizer.json"))
+
+    # The standalone evaluator on the final model scores the validation rows as the run's last
+    # evaluation did (greedy decoding: the same responses).
+    final = tmp_path / "it" / "hf"
+    judged = evaluate_model(cfg, str(final), trainer.val_rows[:4], n=2, temperature=1.0, correct="accuracy",
+                            threshold=1.0)
+    summary = summarize(judged, 2)["overall"]
+    assert summary["rows"] == 4
+    for key in ("greedy_accuracy", "format_rate", "mean_length"):
+        assert summary[key] == rl[-1][f"eval/{key}"], key

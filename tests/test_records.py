@@ -67,7 +67,7 @@ def test_rerun_under_same_name_archives_the_earlier_run(tmp_path):
     """A second run in the same folder starts a fresh metrics log (its summary must not mix two
     runs) and keeps the first run's metrics, rollouts and config intact under previous-<time>/."""
     from engine.metrics import MetricsLog
-    from engine.trainer import archive_previous_run
+    from engine.checkpoint import archive_previous_run
 
     run = tmp_path / "demo"
     run.mkdir()

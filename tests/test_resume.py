@@ -41,7 +41,7 @@ FINAL = {"trained", "dropped", "failed", "skipped"}
 
 def _command(tmp_path, config, name, *overrides):
     return [sys.executable, "launch/rl.py", "--config", config, f"trainer.output_dir={tmp_path}",
-            f"trainer.run_name={name}", "sft.steps=2", *overrides]
+            f"trainer.run_name={name}", "sft.steps=2", "rollout.group_seeds=true", *overrides]
 
 
 def _run(cmd, timeout=900):

@@ -132,3 +132,19 @@ def test_a_placement_the_cluster_cannot_grant_ends_in_bounded_time():
         ray.util.remove_placement_group(held)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("command, fragments", [
+    (["launch/sft.py", "--config", "launch/configs/pipeline_sft.yaml", "sft.train=artifacts/none.jsonl",
+      "sft.segment_weights={think: -1}"], ["sft.segment_weights.think must be a number >= 0"]),
+    (["launch/sft.py", "--config", "launch/configs/pipeline_sft.yaml", "sft.train=artifacts/none.jsonl",
+      "model.path=artifacts/tiny-qwen2.5-vl"], ["sft.train", "none.jsonl", "is not a file"]),
+    (["launch/eval.py", "--model", "base=artifacts/none", "--data", "artifacts/demo-data/val.jsonl"],
+     ["--model base", "not a Hugging Face model folder"]),
+    (["launch/eval.py", "--model", "artifacts/tiny-qwen2.5-vl", "--data", "artifacts/demo-data/val.jsonl",
+      "--correct", "semantic"], ["--correct 'semantic' is not a reward component"]),
+])
+def test_sft_and_eval_entry_points_refuse_bad_input(run_dir, tiny_model, demo_data, command, fragments):
+    proc = subprocess.run([sys.executable, *command, f"trainer.output_dir={run_dir.parent}", "trainer.run_name=bad"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    _assert_refused(proc, run_dir, *fragments)
