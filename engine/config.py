@@ -325,6 +325,12 @@ class TrainerConfig:
     resumed: it is archived and the run starts afresh); "off": always start afresh (an earlier run's
     records move to previous-<time>/); or the path of a checkpoint folder to continue from (raise
     trainer.steps to continue a finished run)."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Metrics destinations (engine/loggers.py): "jsonl" (runs/<run>/metrics.jsonl; always needed),
+    "tensorboard" (runs/<run>/tensorboard/<stage>/), "wandb" (needs the wandb package; WANDB_MODE=offline
+    works without a network). A logger other than jsonl that fails is reported once and disabled."""
+    wandb_project: str = "pathorl"
+    """wandb project name (the run name is trainer.run_name)."""
     log_rollouts: bool = True
     """Write each step's rollout records (msgpack) under <run>/rollouts/."""
     placement_timeout_s: float = 300.0
@@ -477,6 +483,12 @@ def _range_problems(cfg: Config) -> list[str]:
     for tag, weight in cfg.sft.segment_weights.items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
             problems.append(f"sft.segment_weights.{tag} must be a number >= 0, got {weight!r}")
+    from engine.loggers import LOGGERS
+
+    unknown = [name for name in cfg.trainer.loggers if name not in LOGGERS]
+    if unknown or "jsonl" not in cfg.trainer.loggers:
+        problems.append(f"trainer.loggers must include 'jsonl' and name only {', '.join(map(repr, LOGGERS))}; "
+                        f"got {cfg.trainer.loggers}")
     if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
         problems.append(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization}")
     if len(cfg.learner.betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.betas):

@@ -27,9 +27,6 @@ from kernels import logprobs_from_hidden, logprobs_from_logits
 from rollout.weight_sync import join_group, send
 
 IMAGE_TOKEN_TYPE = 1
-COPY_FROM_MODEL_DIR = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
-                       "preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json",
-                       "vocab.json", "merges.txt", "generation_config.json")
 
 
 @dataclass
@@ -398,10 +395,11 @@ class Learner:
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        for name in COPY_FROM_MODEL_DIR:
-            src = os.path.join(self.model_cfg["path"], name)
-            if os.path.exists(src) and not os.path.exists(os.path.join(tmp, name)):
-                shutil.copy(src, tmp)
+        # The processor (tokenizer, chat template, image processor) through its own save_pretrained:
+        # the export is self-contained whatever model.path holds besides.
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(self.model_cfg["path"]).save_pretrained(tmp)
         # Replace atomically-ish: a crash mid-save never leaves a half-written checkpoint at `path`.
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import contextmanager
 
@@ -24,6 +25,29 @@ class PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+class Progress:
+    """A stage's progress: a tqdm bar updating in place on a terminal (off elsewhere, e.g. under
+    `ray job logs`, where each step's log line carries the same fields) and the ETA from the mean
+    step time so far."""
+
+    def __init__(self, stage: str, total: int, start: int = 1):
+        from tqdm import tqdm
+
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.bar = tqdm(total=total, initial=start - 1, desc=stage, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
+
+    def update(self, step: int, **fields: float) -> str:
+        """Marks `step` done, shows `fields` beside the bar, returns the ETA as h:mm:ss."""
+        self.done += 1
+        eta = (time.perf_counter() - self.t0) / self.done * (self.total - step)
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in fields.items()}, refresh=False)
+        self.bar.update(1)
+        if step >= self.total:
+            self.bar.close()
+        return time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta)))
 
 
 class MetricsLog:

@@ -39,7 +39,7 @@ def preflight(cfg: Config) -> RunData:
         problems += model_problems(cfg.reward.judge_model, "reward.judge_model")
     if cfg.model.reference_path:
         problems += model_problems(cfg.model.reference_path, "model.reference_path")
-    problems += _deepspeed_problems(cfg.learner.deepspeed_config)
+    problems += _deepspeed_problems(cfg.learner.deepspeed_config) + logger_problems(cfg.trainer.loggers)
     for name, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
         if path is not None and not os.path.isfile(path):
             problems.append(f"{name}: {_where(path)} is not a file")
@@ -69,10 +69,22 @@ def preflight(cfg: Config) -> RunData:
     return RunData(train=train, skipped=skipped, val=val)
 
 
+def logger_problems(loggers: list[str]) -> list[str]:
+    """Loggers whose package is not installed."""
+    import importlib.util
+
+    from engine.loggers import PACKAGES
+
+    return [f"trainer.loggers lists {name}, but the {PACKAGES[name]} package is not installed "
+            f"(pip install {PACKAGES[name]}, or remove it from trainer.loggers)"
+            for name in loggers if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None]
+
+
 def preflight_sft(cfg: Config) -> None:
     """The SFT stage's start-up checks: model, DeepSpeed config, data files and resume path (the rows
     are read and checked by the stage itself, bad ones skipped or fatal by data.bad_rows)."""
     problems = model_problems(cfg.model.path, "model.path") + _deepspeed_problems(cfg.learner.deepspeed_config)
+    problems += logger_problems(cfg.trainer.loggers)
     if cfg.sft.train is None:
         problems.append("sft.train is not set: the SFT stage needs a data file")
     for name, path in (("sft.train", cfg.sft.train), ("sft.val", cfg.sft.val)):

@@ -24,7 +24,8 @@ from engine.config import Config, SFTConfig, to_dict
 from engine.data import DataError
 from engine.learner import Sequence
 from engine.learner_group import LearnerGroup
-from engine.metrics import MetricsLog, PhaseTimer
+from engine.loggers import RunLog
+from engine.metrics import PhaseTimer, Progress
 from engine.schedule import lr_at
 from engine.sft_data import Conversation, Example, ExampleBuilder, normalise, read_records
 
@@ -127,13 +128,14 @@ def validation_loss(learners: LearnerGroup, examples: list[Example]) -> dict[str
     return {"sft/val_nll": -total / weight, "sft/val_examples": float(len(seqs))}
 
 
-def train(learners: LearnerGroup, sft: SFTConfig, metrics: MetricsLog, total: int, batch: Callable[[], list[Example]],
+def train(learners: LearnerGroup, sft: SFTConfig, metrics: RunLog, total: int, batch: Callable[[], list[Example]],
           validate: Callable[[], dict[str, float]] | None = None,
           save: Callable[[int, dict[str, Any]], str] | None = None, start: int = 1,
           skipped: Callable[[], int] = lambda: 0) -> None:
     """Steps `start`…`total` of supervised training: `batch()` gives each step's examples,
     `validate()` runs every sft.eval_every steps and at the end, `save(step, record)` every
     sft.save_every steps and at the end; `skipped()` counts the bad rows so far (`data/skipped`)."""
+    progress = Progress("sft", total, start)
     for k in range(start, total + 1):
         timer = PhaseTimer()
         with timer("data"):
@@ -152,10 +154,11 @@ def train(learners: LearnerGroup, sft: SFTConfig, metrics: MetricsLog, total: in
                 record["checkpoint"] = save(k, {**record, **timer.metrics()})
         record.update(timer.metrics())
         metrics.write(record)
+        eta = progress.update(k, nll=stats.get("sft/nll", float("nan")))
         if k % 10 == 0 or k == total or k == start:
-            log.info("sft %d/%d  nll %.3f%s  lr %.2e  %.1fs", k, total, stats.get("sft/nll", float("nan")),
+            log.info("sft %d/%d  nll %.3f%s  lr %.2e  %.1fs  eta %s", k, total, stats.get("sft/nll", float("nan")),
                      f"  val {record['sft/val_nll']:.3f}" if "sft/val_nll" in record else "", lr,
-                     sum(timer.seconds.values()))
+                     sum(timer.seconds.values()), eta)
 
 
 class SFTStage:
@@ -185,7 +188,8 @@ class SFTStage:
                     log.warning("skipping bad validation row: %s", e)
         self.run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
         resume, state = checkpoint.open_run(self.run_dir, to_dict(cfg), cfg.trainer.resume, self.total, False, "sft")
-        self.metrics = MetricsLog(os.path.join(self.run_dir, checkpoint.METRICS))
+        self.metrics = RunLog(self.run_dir, cfg.trainer.loggers, to_dict(cfg), cfg.trainer.wandb_project,
+                              cfg.trainer.run_name)
         self.learners = LearnerGroup(cfg, use_reference=False)
         self.learners.wait_ready()
         self.start = 1
@@ -222,4 +226,5 @@ class SFTStage:
 
     def close(self) -> None:
         self.learners.shutdown()
+        self.metrics.close()
 

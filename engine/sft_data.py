@@ -4,17 +4,22 @@ Row formats, recognised per row by their keys (jsonl, or parquet with images as 
 
     ours       {"question", "options"?, "images", "response"}: the RL prompt (system prompt, options
                as "A. …") with `response` as the assistant turn — SFT on it trains exactly what RL samples.
-    ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "… <image> …"}], "images"}:
-               LLaVA's and LLaMA-Factory's format (Patho-R1's SFT data); one `<image>` per image, in order.
+    ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "… <image> …"}], "images",
+               "system"?}: LLaVA's and LLaMA-Factory's format (Patho-R1's SFT data); one `<image>` per
+               image, in order; LLaMA-Factory's `system` column becomes the system turn.
     messages   {"messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}], "images"?}:
                OpenAI-style; parts are {"type": "text", "text"}, {"type": "image", "image"?} or
                {"type": "image_url", "image_url": {"url"}}; an image part without its own image takes
                the next of `images`, and `<image>` in string content does the same (LLaMA-Factory).
+    TRL        {"prompt", "completion"} (TRL's prompt-completion type): both message lists
+               (conversational; the completion's assistant turns are the targets) or both strings
+               (standard; the prompt is the user turn), with `images` as for `messages`.
     caption    {"image"|"images", "caption"}: continued pre-training; the user turn is the image(s)
                and `sft.caption_instruction`, the caption is the target.
 
-An image is a path (relative to the data file's folder, or absolute), a `data:image/…;base64,` URI,
-raw bytes, or a {"bytes", "path"} struct (Hugging Face `datasets`' Image feature in parquet).
+An image is a path (relative to the data file's folder, or absolute; `file://` accepted), a
+`data:image/…;base64,` URI, raw bytes, or a {"bytes", "path"} struct (Hugging Face `datasets`' Image
+feature in parquet). Remote URLs are refused: nothing is downloaded.
 
 Loss mask. The conversation is rendered once by the model's chat template; every assistant turn
 (its text and the end-of-turn token, not the newline after it) is a target, everything else has
@@ -175,6 +180,8 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
             if speaker not in _ROLES:
                 raise DataError(f"{where}: turn {i}: unknown speaker {speaker!r} (expected human, gpt or system)")
             pairs.append((_ROLES[speaker], t.get("value", t.get("content"))))
+        if isinstance(row.get("system"), str) and row["system"] and not (pairs and pairs[0][0] == "system"):
+            pairs.insert(0, ("system", row["system"]))  # LLaMA-Factory's optional `system` column
         messages, images = _chat(pairs, where, pending)
     elif "messages" in row:
         turns = row["messages"]
@@ -182,6 +189,18 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
         messages, images = _chat([(_ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in turns],
                                  where, pending)
+    elif "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            turns = [("user", prompt), ("assistant", completion)]
+        elif isinstance(prompt, list) and isinstance(completion, list) and all(
+                isinstance(t, dict) for t in prompt + completion):
+            turns = [(_ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in prompt + completion]
+            if any(t.get("role") != "assistant" for t in completion):
+                raise DataError(f"{where}: every turn of 'completion' must be an assistant turn")
+        else:
+            raise DataError(f"{where}: 'prompt' and 'completion' must both be strings or both be message lists")
+        messages, images = _chat(turns, where, pending)
     elif "caption" in row:
         if not isinstance(row["caption"], str) or not row["caption"].strip():
             raise DataError(f"{where}: 'caption' must be a non-empty string")
@@ -205,7 +224,8 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
         images = pending
     else:
         raise DataError(f"{where}: no known format: expected 'conversations' (ShareGPT), 'messages' (OpenAI), "
-                        f"'caption' (image-caption pairs) or 'response' (our schema); keys are {sorted(row)}")
+                        f"'prompt' + 'completion' (TRL), 'caption' (image-caption pairs) or 'response' (our "
+                        f"schema); keys are {sorted(row)}")
     return Conversation(uid=str(row.get("id", where)), where=where, messages=messages, images=images,
                         data_source=str(row.get("data_source") or ""))
 
@@ -219,6 +239,10 @@ def load_image(ref: Any, base_dir: str, where: str) -> Image.Image:
             source: Any = io.BytesIO(ref)
         elif isinstance(ref, str) and ref.startswith("data:"):
             source = io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
+        elif isinstance(ref, str) and ref.startswith(("http://", "https://")):
+            raise ValueError("remote images are not downloaded; give a local path, bytes or a data URI")
+        elif isinstance(ref, str) and ref.startswith("file://"):
+            source = ref[len("file://"):]
         elif isinstance(ref, str) and ref:
             source = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
         else:

@@ -35,7 +35,9 @@ from engine.data import DataError, PromptBuilder, PromptStream
 from engine.evaluate import evaluate_prompts, flat_metrics, summarize
 from engine.learner import Sequence
 from engine.learner_group import LearnerGroup, split_mini_batches
-from engine.metrics import MetricsLog, PhaseTimer, mean
+from engine.loggers import RunLog
+from engine.metrics import PhaseTimer, Progress, mean
+from engine.plots import plot_runs
 from engine.preflight import RunData, check_cluster, preflight
 from engine.sampler import GroupSampler, ScoredGroup, StepRollout, start_pool
 from engine.schedule import lr_at
@@ -60,7 +62,8 @@ class Trainer:
         self.ledger_path = os.path.join(self.run_dir, checkpoint.LEDGER)
         resume, state = checkpoint.open_run(self.run_dir, to_dict(cfg), cfg.trainer.resume, cfg.trainer.steps,
                                             cfg.uses_reference, "rl")
-        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.metrics = RunLog(self.run_dir, cfg.trainer.loggers, to_dict(cfg), cfg.trainer.wandb_project,
+                              cfg.trainer.run_name)
         self.processor = AutoProcessor.from_pretrained(cfg.model.path)
         self.tokenizer = self.processor.tokenizer
         self.builder = PromptBuilder(self.processor, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
@@ -180,6 +183,7 @@ class Trainer:
             self.sft_warmup()
             if cfg.trainer.eval_before_train:
                 self.metrics.write({"stage": "rl", "step": 0, **self.evaluate()})
+        progress = Progress("rl", cfg.trainer.steps, self.start_step)
         for step in range(self.start_step, cfg.trainer.steps + 1):
             timer = PhaseTimer()
             t_step = time.perf_counter()
@@ -233,11 +237,18 @@ class Trainer:
             record["timing/step"] = step_s
             record["throughput/tokens_per_s"] = record["response_length/total"] / step_s
             self.metrics.write(record)
-            log.info("step %d  reward %.3f  acc %s  len %.1f  kl %s  %.1fs", step, record.get("reward/mean", float("nan")),
-                     _fmt(record.get("reward/accuracy")), record.get("response_length/mean", float("nan")),
-                     _fmt(record.get("kl")), step_s)
+            eta = progress.update(step, reward=record.get("reward/mean", float("nan")),
+                                  tok_s=record["throughput/tokens_per_s"])
+            log.info("step %d/%d  reward %.3f  acc %s  len %.1f  kl %s  %.1fs  %.0f tok/s  eta %s", step,
+                     cfg.trainer.steps, record.get("reward/mean", float("nan")), _fmt(record.get("reward/accuracy")),
+                     record.get("response_length/mean", float("nan")), _fmt(record.get("kl")), step_s,
+                     record["throughput/tokens_per_s"], eta)
         # The final model at a fixed place, for the next stage's model.path and launch/eval.py.
         log.info("final model: %s", self.learners.save(os.path.join(self.run_dir, "hf")))
+        try:
+            plot_runs([self.run_dir], os.path.join(self.run_dir, "plots"))
+        except Exception as e:  # a report, never worth failing a finished run for
+            log.warning("plots of %s were not written (%s: %s)", self.run_dir, type(e).__name__, e)
 
     def _records(self, step: int, rollout: StepRollout) -> list[dict]:
         """The step's groups as msgpack records with the row, the rewards and the components."""
@@ -347,6 +358,7 @@ class Trainer:
         self.rewards.close()
         self.pool.shutdown()
         self.learners.shutdown()
+        self.metrics.close()
 
 
 def _staleness(step: int, groups: list[ScoredGroup]) -> dict[str, float]:

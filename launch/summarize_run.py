@@ -1,7 +1,8 @@
 """Prints what a run learned: the reward curve (first vs last steps), evaluation and timings (an SFT
-stage: its training and validation loss).
+stage: its training and validation loss), and writes PNG plots (engine/plots.py), several runs overlaid:
 
     python launch/summarize_run.py --config launch/configs/demo.yaml [overrides…]
+    python launch/summarize_run.py runs/demo runs/demo_dapo [--plots DIR]
 """
 
 import argparse
@@ -12,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import load_config  # noqa: E402
+from engine.plots import plot_runs  # noqa: E402
 
 
 def summarize(records: list[dict], window: int = 5) -> dict:
@@ -42,14 +44,27 @@ def summarize(records: list[dict], window: int = 5) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--config", help="the run's config (its run folder is summarised)")
+    parser.add_argument("args", nargs="*", help="with --config: section.field=value overrides; else run folders")
+    parser.add_argument("--plots", help="folder for the PNG plots (default: <run>/plots, or runs/compare-<a>-<b>…)")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    path = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name, "metrics.jsonl")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    print(json.dumps(summarize(records), indent=2))
+    if args.config:
+        cfg = load_config(args.config, args.args)
+        runs = [os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)]
+    else:
+        runs = args.args
+    if not runs:
+        parser.error("give --config or one or more run folders")
+    summaries = {}
+    for run in runs:
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            summaries[run] = summarize([json.loads(line) for line in f if line.strip()])
+    print(json.dumps(summaries[runs[0]] if len(runs) == 1 else summaries, indent=2))
+    if any(s.get("steps") for s in summaries.values()):
+        names = [os.path.basename(os.path.normpath(r)) for r in runs]
+        out = args.plots or (os.path.join(runs[0], "plots") if len(runs) == 1 else
+                             os.path.join(os.path.dirname(os.path.normpath(runs[0])), "compare-" + "-".join(names)))
+        print("plots:", ", ".join(plot_runs(runs, out)))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ an SFT warm-up and RL steps through `Trainer.fit`, then the checks that matter f
 import json
 import os
 
+import pytest
 import ray
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoProcessor
 
 from engine.config import load_config
 from engine.evaluate import summarize
@@ -69,6 +72,16 @@ def test_train_sync_and_checkpoint(ray_session, tiny_model, demo_data, tmp_path)
         assert not missing, missing
         assert 0.0 <= record["reward/mean"] <= 1.0 and record["kl"] >= 0.0 and record["rollout/groups"] == 3
     assert "eval/reward/mean" in rl[-1]
+    assert {"reward.png", "kl.png", "step_time.png"} <= set(os.listdir(tmp_path / "it" / "plots"))
+    # TensorBoard (default loggers: jsonl + tensorboard), read back with tensorboard's own reader.
+    for stage, rows in (("sft", [r for r in records if r["stage"] == "sft"]), ("rl", [baseline, *rl])):
+        events = EventAccumulator(str(tmp_path / "it" / "tensorboard" / stage), size_guidance={"scalars": 0})
+        events.Reload()
+        for row in rows:
+            for key, value in row.items():
+                if isinstance(value, float) and key != "step":
+                    logged = {e.step: e.value for e in events.Scalars(key)}[row["step"]]
+                    assert logged == pytest.approx(value, rel=1e-6, abs=1e-30), (stage, key)
 
     checkpoint = rl[-1]["checkpoint"]
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -84,6 +97,13 @@ def test_train_sync_and_checkpoint(ray_session, tiny_model, demo_data, tmp_path)
     assert (from_checkpoint - after).abs().max() < 1e-4
     ray.kill(fresh)
     assert os.path.exists(os.path.join(checkpoint, "tokenizer.json"))
+    assert os.path.exists(os.path.join(checkpoint, "generation_config.json"))
+    # The export's processor (written by save_pretrained, not copied from model.path) prepares a
+    # prompt exactly as the original does.
+    exported = AutoProcessor.from_pretrained(checkpoint)
+    again = exported(text=[prompt.text], images=prompt.images, return_tensors="pt")
+    assert again["input_ids"][0].tolist() == prompt.prompt_ids
+    assert torch.equal(again["pixel_values"], prompt.pixel_values)
 
     # The standalone evaluator on the final model scores the validation rows as the run's last
     # evaluation did (greedy decoding: the same responses).

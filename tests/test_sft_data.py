@@ -62,6 +62,9 @@ def test_every_format_gives_the_hand_built_example(processor, demo_data, tmp_pat
     rows = {
         "sharegpt": {"conversations": [{"from": "human", "value": f"<image>{QUESTION}"}, {"from": "gpt", "value": TARGET}],
                      "images": [IMAGE]},
+        "sharegpt_system_column": {"conversations": [{"from": "human", "value": f"<image>{QUESTION}"},
+                                                     {"from": "gpt", "value": TARGET}],
+                                   "images": [IMAGE], "system": DEFAULT_SYSTEM},
         "messages_parts": {"messages": [
             {"role": "user", "content": [{"type": "image", "image": image_path}, {"type": "text", "text": QUESTION}]},
             {"role": "assistant", "content": [{"type": "text", "text": TARGET}]}]},
@@ -72,6 +75,9 @@ def test_every_format_gives_the_hand_built_example(processor, demo_data, tmp_pat
                                           + __import__("base64").b64encode(_png_bytes(image_path)).decode()}},
                                          {"type": "text", "text": QUESTION}]},
             {"role": "assistant", "content": TARGET}]},
+        "trl_conversational": {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+                               "completion": [{"role": "assistant", "content": TARGET}], "images": [IMAGE]},
+        "trl_standard": {"prompt": f"<image>{QUESTION}", "completion": TARGET, "images": [f"file://{image_path}"]},
         "caption": {"image": IMAGE, "caption": TARGET},
         "ours": {"images": [IMAGE], "question": QUESTION, "response": TARGET, "answer": "A"},
     }
@@ -85,6 +91,9 @@ def test_every_format_gives_the_hand_built_example(processor, demo_data, tmp_pat
         if reference is None:
             reference = ex.pixel_values
         assert torch.equal(ex.pixel_values, reference), name
+
+    custom = builder.build(normalise({**rows["sharegpt"], "system": "Be terse."}, "sys", DEFAULT_SYSTEM, ""))
+    assert processor.tokenizer.decode(custom.input_ids).startswith("<|im_start|>system\nBe terse.<|im_end|>")
 
     # parquet, images as bytes structs (Hugging Face datasets' Image feature) and as paths
     import pyarrow as pa
@@ -153,7 +162,9 @@ def test_segment_weights_per_span(processor, demo_data):
      "longer than sft.max_length=64"),
     ({"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
       "images": [{"bytes": b"not a png", "path": None}]}, {}, "cannot be read"),
-    ({"prompt": "Q", "completion": "A"}, {}, "no known format"),
+    ({"question": "Q", "answer": "A"}, {}, "no known format"),
+    ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, {}, "both be strings or both be message"),
+    ({"caption": "x", "image": "https://example.org/a.png"}, {}, "remote images are not downloaded"),
 ])
 def test_bad_rows_are_named(processor, demo_data, row, weights, problem):
     with pytest.raises(DataError) as e:
