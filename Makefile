@@ -34,4 +34,4 @@ pipeline: artifacts artifacts/pipeline-data/sft_train.jsonl
 	  --model rl=runs/pipeline_rl/hf --json runs/pipeline_eval.json --samples runs/pipeline_eval_samples.jsonl
 
 test: artifacts
-	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -ra --durations=20 $(PYTEST_ARGS)

@@ -5,9 +5,10 @@
                         each rank's torch RNG, and the reference model when it is not model.path
         hf/             Hugging Face export (weights, config, tokenizer, processor): vLLM and
                         transformers load it, RL's model.path takes it
-        trainer.pt      step, config, data stream (epoch, order, position, pass-rate memory, bad and
-                        skipped rows), sampler (carried-over groups with tokens, log-probs, rewards;
-                        counters), the driver's RNGs
+        trainer.pt      step, config, data stream (epoch and position: the epoch's order is
+                        regenerated from the seed; pass-rate memory, bad and skipped rows),
+                        sampler (carried-over groups with tokens, log-probs, rewards; counters),
+                        the driver's RNGs
         COMPLETE.json   written last: the size of every file above
 
 A checkpoint is written under `step_<N>.tmp/` and renamed when whole, so a crash mid-save leaves at
@@ -143,7 +144,9 @@ MUST_MATCH = ("model.path", "model.dtype", "data.train", "data.shuffle", "data.s
               "sft.batch_size", "sft.segment_weights", "sft.caption_instruction", "sft.max_length",
               "data.max_prompt_tokens", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
               "learner.num_ranks", "learner.deepspeed_config", "algorithm.dynamic_sampling",
-              "algorithm.filter_metric", "trainer.seed", "model.reference_path")
+              "algorithm.filter_metric", "trainer.seed", "model.reference_path",
+              # the engine state holds adapters of this shape on these layers
+              "model.lora.rank", "model.lora.alpha", "model.lora.target_modules", "model.lora.train_vision")
 
 
 def compare(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -25,6 +25,32 @@ PATHO_R1_SYSTEM_PROMPT = (
 )
 
 
+def _projections() -> list[str]:
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    rank: int | None = 0
+    """Rank r of the LoRA adapters (Hu et al. 2021) the learner trains instead of the full weights
+    (engine/lora.py, through peft); 0 or null: no LoRA. The KL reference is then the policy with its
+    adapters switched off (no second copy of the weights), and the rollout engines and HF exports get
+    the adapters merged into plain weights."""
+    alpha: float | None = None
+    """LoRA's α: an adapter adds (α/r)·B·A to its layer's weight. null: 2·rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input in update passes. 0 by default: with dropout the update pass
+    computes the log-probs of a perturbed policy, not the one that sampled, and every PPO ratio of an
+    on-policy sample is off 1."""
+    target_modules: list[str] = field(default_factory=_projections)
+    """Linear layers that get adapters; a name matches a layer whose full name equals it or ends with
+    "." + it (peft's rule). Default: the attention and MLP projections. The LM head is never adapted.
+    A name that matches no layer stops the run at start-up, listing the layer names that exist."""
+    train_vision: bool = False
+    """Also adapt the vision tower's (model.visual, merger included) layers that target_modules match.
+    False: only the language model's layers get adapters; the vision tower stays frozen."""
+
+
 @dataclass
 class ModelConfig:
     path: str = "artifacts/tiny-qwen2.5-vl"
@@ -41,16 +67,31 @@ class ModelConfig:
     """Hugging Face folder of the KL reference when it is not the initial policy (e.g. the model
     after your SFT stage while RL starts elsewhere); null: model.path. An SFT warm-up (sft.steps > 0)
     re-anchors the reference to the policy it ends with."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full-weight training (README "LoRA")."""
 
 
 @dataclass
 class DataConfig:
     train: str = "artifacts/demo-data/train.jsonl"
-    """Training rows (jsonl; schema in README). Image paths are relative to this file's folder."""
+    """Training rows: a jsonl or parquet file, a Hugging Face `save_to_disk` folder or a folder of
+    shards, in our schema or verl's or EasyR1's (README "Dataset schema"; engine/row_schemas.py),
+    read lazily. Image paths are relative to the data file's folder."""
     val: str | None = "artifacts/demo-data/val.jsonl"
-    """Validation rows for periodic greedy evaluation; None disables evaluation."""
+    """Validation rows for periodic greedy evaluation (any form data.train takes; loaded whole);
+    None disables evaluation."""
     system_prompt: str = PATHO_R1_SYSTEM_PROMPT
-    """System turn of every prompt (Patho-R1's by default)."""
+    """System turn of our and EasyR1's rows (Patho-R1's by default; "" gives none, i.e. the chat
+    template's default). verl rows keep their own chat list: none is added, as in verl."""
+    format_prompt: str | None = None
+    """EasyR1's data.format_prompt: a Jinja template file rendering each EasyR1 row's `problem` as
+    `{{ content }}` (e.g. EasyR1's examples/format_prompt/r1v.jinja); None uses `problem` as is."""
+    check_rows: int = 100_000
+    """A data.train of at most this many rows is checked whole before the run starts: every bad row
+    reported at once (the run stops then under bad_rows=fatal), duplicate ids refused, bad rows
+    left out of the epochs. A larger one is checked row by row as it is served (bad rows skipped
+    then, or fatal), its ids are not compared, and the format warm-up draws from its first
+    check_rows rows."""
     max_prompt_tokens: int = 512
     """Prompts longer than this (image tokens included) are bad rows."""
     bad_rows: str = "skip"
@@ -98,6 +139,9 @@ class RolloutConfig:
     tensors, which cannot be sent to the worker processes of a tensor-parallel engine."""
     num_cpus_per_worker: float = 1.0
     """Ray CPUs reserved by each engine."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Further Ray resources each engine's placement bundle asks for, e.g. {rollout_node: 0.01} to
+    place the engines on the nodes started with `ray start --resources='{"rollout_node": 1}'`."""
     cpu_threads: int = 0
     """CPU only: OpenMP threads of each engine (sampling over the vocabulary is the hot loop); 0 means
     every core of the machine, since rollout and learning take turns in a synchronous loop. Ray would
@@ -224,7 +268,14 @@ class LearnerConfig:
     max_tokens_per_micro_batch: int = 0
     """When > 0, micro-batches are cut by padded token count (sequences × longest, prompt included)
     instead of micro_batch_size: short and long sequences pack without large padding. A sequence
-    longer than the budget runs alone."""
+    longer than the budget runs alone. With shared_prefix the packed rows are counted (a prompt once
+    per row with its responses)."""
+    shared_prefix: bool = True
+    """Reference, old-policy and update passes compute each prompt (vision tower and prompt tokens)
+    once per micro-batch, its responses attending to it through a block attention mask with their
+    unshared rotary positions (engine/collate.py): the same log-probs and gradients as one sequence
+    per response, for the cost of the unique tokens. False: every sequence carries its own prompt.
+    A model class without `get_rope_index` runs unshared, with a warning."""
     mini_batches: int = 1
     """Optimizer steps per RL step (PPO mini-batches); 1 keeps the update on-policy and skips the
     separate old-log-prob pass."""
@@ -240,6 +291,9 @@ class LearnerConfig:
     """Ray CPUs reserved by each learner rank."""
     num_gpus: float = 0.0
     """Ray GPUs per learner rank (1 on GPU clusters)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Further Ray resources each rank's placement bundle asks for (custom node resources, as
+    rollout.resources): pins the ranks to chosen nodes."""
 
 
 @dataclass
@@ -379,6 +433,7 @@ class Config:
         if self.model.reference is False and self.kl_on:
             problems.append(f"model.reference is false but a KL term is on (algorithm.kl_loss_coef={a.kl_loss_coef}, "
                             f"algorithm.kl_reward_coef={a.kl_reward_coef}): KL needs the reference model")
+        problems += _lora_problems(self.model)
         if any(f.fn == "judge_vllm" for f in self.reward.functions) and not self.reward.judge_model:
             problems.append("reward.functions uses judge_vllm but reward.judge_model is not set (the judge to serve)")
         if a.overlong_buffer < 0 or a.overlong_buffer >= r.max_new_tokens:
@@ -441,6 +496,26 @@ def _choice_problems(cfg: Config) -> list[str]:
     }
     return [f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
             for name, (value, allowed) in choices.items() if value not in allowed]
+
+
+def _lora_problems(model: ModelConfig) -> list[str]:
+    """model.lora on its own and with the reference it implies (the policy with adapters off)."""
+    lora = model.lora
+    if lora.rank is not None and lora.rank < 0:
+        return [f"model.lora.rank must be >= 0 or null (0/null: no LoRA), got {lora.rank}"]
+    if not lora.rank:
+        return []
+    problems = []
+    if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        problems.append(f"model.lora.alpha must be a finite number > 0 or null (2·rank), got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        problems.append("model.lora.target_modules is empty: name the layers to adapt")
+    if model.reference_path:
+        problems.append(f"model.reference_path ({model.reference_path}) cannot be used with model.lora: the KL "
+                        "reference of a LoRA policy is its base weights (adapters off)")
+    return problems
 
 
 def _range_problems(cfg: Config) -> list[str]:
@@ -608,6 +683,24 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         cfg.trainer.run_name = os.path.splitext(os.path.basename(path))[0] if path else "default"
     cfg.validate()
     return cfg
+
+
+ACTOR_PATHS = ("model.path", "model.reference_path", "learner.deepspeed_config", "trainer.output_dir",
+               "reward.judge_model")
+
+
+def absolute_paths(cfg: Config) -> None:
+    """Makes the paths Ray actors open (models, the DeepSpeed config, the run folder they write
+    checkpoints and exports into) absolute, resolved against the driver's working directory: an
+    actor on another node, or in a cluster started from another folder, has another working
+    directory. On a multi-node cluster these paths must be on storage every node shares."""
+    for dotted in ACTOR_PATHS:
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            setattr(getattr(cfg, section), name, os.path.abspath(value))
+    if cfg.trainer.resume not in ("auto", "off"):
+        cfg.trainer.resume = os.path.abspath(cfg.trainer.resume)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,39 +1,50 @@
-"""Dataset rows → validated rows → model-ready prompts.
+"""Dataset rows → checked rows → model-ready prompts.
 
-Row schema (jsonl, one object per line; Patho-R1 style):
-    id           str, optional (default "<file>:<line>")
-    images       list of image paths, relative to the jsonl's folder or absolute ("image": str also accepted)
-    question     str
-    options      list of str, optional; shown as "A. …", "B. …" in order
-    answer       str: an option letter (or one option's exact text) for multiple choice, else the answer text
-    data_source  str, optional
-    any other field (entities, …) is kept and handed to the rewards.
+Rows come in any schema of engine/row_schemas.py — ours (README's "Dataset schema"), verl's
+multimodal parquet rows, EasyR1's `problem`/`answer`/`images` — from any input of
+engine/row_sources.py: jsonl, parquet, a Hugging Face `save_to_disk` folder, a folder of shards.
 
-A row that breaks the schema, names a missing or undecodable image, or whose prompt is longer than
-`data.max_prompt_tokens` is a bad row: with data.bad_rows="skip" it is reported (file, line, problem)
+Training rows are read lazily (`LazyRows`): a row is read, checked and turned into a prompt when the
+stream serves it, so a dataset of millions of rows starts at once, in the memory of its index (a
+byte offset per jsonl line; parquet row groups are read on demand). A data.train of at most
+data.check_rows rows is also checked whole before the run starts (engine/preflight.py). Validation
+rows are loaded whole (`load_rows`).
+
+A row that breaks its schema, names a missing or undecodable image, or whose prompt is longer than
+`data.max_prompt_tokens` is a bad row: with data.bad_rows="skip" it is reported (file, row, problem)
 and counted in `data/skipped`; with "fatal" it raises DataError.
+
+Row ids are the row's own `id`, else "<file>:<line>" (jsonl) or "<file>:row <N>" (parquet, arrow),
+unique by construction. Duplicate ids are refused where rows are checked whole (`load_rows`, the
+start-up check); rows read lazily are not compared, so two rows of a large dataset that give the same
+`id` share their bad-row and pass-rate memory and their ledger entries.
+
+The epoch order is regenerated from (trainer.seed, epoch), so the stream's state is a few numbers
+and the ids of the rows it remembers (bad ones, solved ones), whatever the dataset's size.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
+from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 
+from engine.chat import to_messages
+from engine.errors import DataError
+from engine.images import decode, describe
+from engine.row_schemas import check_columns, normalise
+from engine.row_sources import RowSource, open_source
 from rewards import format_prompt
 
+if TYPE_CHECKING:
+    from engine.config import DataConfig
+
 log = logging.getLogger("pathorl.data")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-class DataError(ValueError):
-    """A bad dataset row: names the file, the line and what is wrong."""
 
 
 @dataclass
@@ -44,7 +55,8 @@ class Prompt:
     uid: str
     """Row id; unique within the dataset."""
     row: dict[str, Any]
-    """The validated row (image paths made absolute), handed to the rewards."""
+    """The checked row, handed to the rewards: image paths made absolute; images given as bytes or
+    data URIs are shown by their size, never carried (the row is pickled to the reward workers)."""
     text: str
     """Chat-templated prompt with one <|image_pad|> per image (what vLLM is given)."""
     images: list[Image.Image]
@@ -58,122 +70,153 @@ class Prompt:
     """[num_images, 3] patch grid per image, or None."""
     epoch: int = 0
     """The training-stream epoch that served the row (its rollout seed and ledger entry depend on it)."""
+    index: int = -1
+    """Position of the row in the training stream's rows (-1 when built outside a stream): how a
+    resumed run finds the rows of its carried-over groups."""
 
 
-def _validate(row: Any, where: str, base_dir: str) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    row = dict(row)
-    if "image" in row and "images" not in row:
-        row["images"] = [row.pop("image")]
-    images = row.get("images", [])
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise DataError(f"{where}: 'images' must be a list of paths, got {images!r}")
-    row["images"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p)) for p in images]
-    for path in row["images"]:
-        if not os.path.isfile(path):
-            raise DataError(f"{where}: image {path} does not exist")
-    question = row.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise DataError(f"{where}: 'question' must be a non-empty string, got {question!r}")
-    options = row.get("options") or []
-    if not isinstance(options, list) or not all(isinstance(o, str) and o.strip() for o in options):
-        raise DataError(f"{where}: 'options' must be a list of non-empty strings, got {options!r}")
-    if len(options) > len(LETTERS):
-        raise DataError(f"{where}: {len(options)} options, at most {len(LETTERS)} are supported")
-    row["options"] = options
-    answer = row.get("answer")
-    if not isinstance(answer, str) or not answer.strip():
-        raise DataError(f"{where}: 'answer' must be a non-empty string, got {answer!r}")
-    if options:
-        letter = answer.strip().upper()
-        if len(letter) == 1 and letter in LETTERS[: len(options)]:
-            row["answer"] = letter
-        elif answer.strip() in [o.strip() for o in options]:
-            row["answer"] = LETTERS[[o.strip() for o in options].index(answer.strip())]
-        else:
-            raise DataError(f"{where}: 'answer' {answer!r} is neither a letter A-{LETTERS[len(options) - 1]} "
-                            f"nor one of the options")
-    row.setdefault("data_source", "")
-    return row
+class LazyRows:
+    """The rows of a dataset, read and checked when asked for; `keep` restricts them to some of the
+    source's positions (the rows the start-up check found good), in order."""
+
+    def __init__(self, source: RowSource, keep: Sequence[int] | None = None):
+        self.source = source
+        self._keep = keep
+
+    def __len__(self) -> int:
+        return len(self.source) if self._keep is None else len(self._keep)
+
+    def fetch(self, i: int) -> tuple[str, dict[str, Any] | DataError]:
+        """(row id, the checked row or why it is bad) of the i-th row."""
+        at = i if self._keep is None else self._keep[i]
+        try:
+            record = self.source.record(at)
+        except DataError as e:
+            return self.source.where(at), e
+        raw = record.raw
+        uid = str(raw["id"]) if isinstance(raw, dict) and "id" in raw else record.where
+        try:
+            return uid, normalise(raw, record.where, record.base_dir)
+        except DataError as e:
+            return uid, e
+
+    def subset(self, keep: Sequence[int]) -> LazyRows:
+        """These rows restricted to the source positions `keep`."""
+        return LazyRows(self.source, array("q", keep))
+
+
+def open_rows(path: str) -> LazyRows:
+    """The rows of a dataset file or folder, read lazily; the column types of parquet and arrow files
+    are checked at once (DataError naming the file and column)."""
+    source = open_source(path)
+    for file, schema in source.schemas():
+        check_columns(file, schema)
+    return LazyRows(source)
+
+
+def valid_rows(rows: LazyRows, bad_rows: str, skipped: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, row) of every good row, in order, with duplicate ids refused; the problem of each
+    bad row is appended to `skipped` (bad_rows="skip") or raised (bad_rows="fatal")."""
+    seen = set()
+    for i in range(len(rows)):
+        _, row = rows.fetch(i)
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if row["id"] in seen:
+                raise DataError(f"{row['_where']}: duplicate id {row['id']!r}")
+        except DataError as e:
+            if bad_rows == "fatal":
+                raise
+            log.warning("skipping bad row: %s", e)
+            skipped.append(str(e))
+            continue
+        seen.add(row["id"])
+        yield i, row
 
 
 def load_rows(path: str, bad_rows: str = "skip") -> tuple[list[dict[str, Any]], list[str]]:
-    """Validated rows of a jsonl file and the problems of the rows skipped (bad_rows="skip")."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: dataset file does not exist")
-    base_dir = os.path.dirname(os.path.abspath(path))
-    rows, skipped, seen = [], [], set()
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e})") from None
-                row = _validate(raw, where, base_dir)
-                row.setdefault("id", where)
-                row["id"] = str(row["id"])
-                if row["id"] in seen:
-                    raise DataError(f"{where}: duplicate id {row['id']!r}")
-                seen.add(row["id"])
-                row["_where"] = where
-                rows.append(row)
-            except DataError as e:
-                if bad_rows == "fatal":
-                    raise
-                log.warning("skipping bad row: %s", e)
-                skipped.append(str(e))
+    """Every good row of a dataset, in memory (validation sets, tools), and the problems of the rows
+    skipped (bad_rows="skip")."""
+    skipped: list[str] = []
+    rows = [row for _, row in valid_rows(open_rows(path), bad_rows, skipped)]
     if not rows:
         raise DataError(f"{path}: no usable rows ({len(skipped)} skipped)")
     return rows, skipped
 
 
 class PromptBuilder:
-    """Applies the system prompt and the model's chat template, decodes and processes the images."""
+    """Renders a row's prompt with the model's chat template, decodes and processes its images.
 
-    def __init__(self, processor: Any, system_prompt: str, max_prompt_tokens: int):
+    Ours: the system prompt, then a user turn with the images and `question\nA. …\nB. …`.
+    verl: the row's chat list as given; no system prompt is added, as verl adds none (a list without
+    a system message gets the chat template's default one), so a verl dataset is prompted exactly as
+    in verl. EasyR1: `problem` as the user turn, rendered first through `format_prompt` (the text of
+    a Jinja template with `{{ content }}`, EasyR1's data.format_prompt) when one is given, after the
+    system prompt. An empty system prompt means no system turn (the chat template's default)."""
+
+    def __init__(self, processor: Any, system_prompt: str, max_prompt_tokens: int, max_images: int = 0,
+                 format_prompt: str = ""):
+        import jinja2
+
         self.processor = processor
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_images = max_images
+        """Most images of a row (0: no limit); the rollout engines reserve room for this many."""
+        self.format_prompt = jinja2.Template(format_prompt.strip()) if format_prompt else None
 
-    def chat_text(self, row: dict[str, Any]) -> str:
+    @classmethod
+    def from_config(cls, processor: Any, data: DataConfig) -> PromptBuilder:
+        template = ""
+        if data.format_prompt:
+            with open(data.format_prompt, encoding="utf-8") as f:
+                template = f.read()
+        return cls(processor, data.system_prompt, data.max_prompt_tokens, data.max_images_per_prompt, template)
+
+    def messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        schema = row.get("_schema")
+        if schema == "verl":
+            return row["_chat"]
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        if schema == "easyr1":
+            problem = self.format_prompt.render(content=row["problem"]) if self.format_prompt else row["problem"]
+            user, _ = to_messages([("user", problem)], f"{row['_where']}: column 'problem'", list(row["images"]))
+            return system + user
         content = [{"type": "image"} for _ in row["images"]]
         content.append({"type": "text", "text": format_prompt(row["question"], row["options"])})
-        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return system + [{"role": "user", "content": content}]
+
+    def chat_text(self, row: dict[str, Any]) -> str:
+        return self.processor.apply_chat_template(self.messages(row), add_generation_prompt=True, tokenize=False)
 
     def build(self, row: dict[str, Any]) -> Prompt:
         where = row.get("_where", row["id"])
-        images = []
-        for path in row["images"]:
-            try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            except Exception as e:
-                raise DataError(f"{where}: image {path} cannot be decoded ({type(e).__name__}: {e})") from None
+        if self.max_images and len(row["images"]) > self.max_images:
+            raise DataError(f"{where}: {len(row['images'])} images, more than data.max_images_per_prompt="
+                            f"{self.max_images}")
+        images = [decode(ref, where, k) for k, ref in enumerate(row["images"])]
         text = self.chat_text(row)
         enc = self.processor(text=[text], images=images or None, return_tensors="pt")
         ids = enc["input_ids"][0].tolist()
         if len(ids) > self.max_prompt_tokens:
             raise DataError(f"{where}: prompt is {len(ids)} tokens (images included), longer than "
                             f"data.max_prompt_tokens={self.max_prompt_tokens}")
-        return Prompt(uid=row["id"], row=row, text=text, images=images, prompt_ids=ids,
+        shown = {**row, "images": [describe(ref) for ref in row["images"]]}
+        return Prompt(uid=row["id"], row=shown, text=text, images=images, prompt_ids=ids,
                       pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"))
 
 
 @dataclass
 class PromptStream:
-    """Endless, epoch-shuffled stream of prompts; bad rows are skipped (and counted) or fatal.
+    """Endless, epoch-shuffled stream of prompts over `rows` (a list of checked rows, or LazyRows
+    read as they are served); bad rows are skipped (and counted) or fatal.
 
     Pass-rate-aware scheduling: `record_pass_rate` stores each prompt's accuracy over its group; with
     skip_solved_epochs = k > 0, a prompt whose samples were all right or all wrong is skipped for the
     next k epochs (such groups carry no GRPO signal and would be dropped by dynamic sampling)."""
 
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]] | LazyRows
     builder: PromptBuilder
     bad_rows: str = "skip"
     seed: int = 0
@@ -181,8 +224,9 @@ class PromptStream:
     skip_solved_epochs: int = 0
     skipped: list[str] = field(default_factory=list)
     epoch: int = 0
-    _order: list[int] = field(default_factory=list)
     _pos: int = 0
+    _order: Sequence[int] = range(0)
+    _order_epoch: int = -1
     _solved_until: dict[str, int] = field(default_factory=dict)
     _bad: set[str] = field(default_factory=set)
     skipped_solved: int = 0
@@ -190,27 +234,52 @@ class PromptStream:
     """(row id, epoch) of each row the stream passed over (bad, or skipped as solved) since the
     driver last drained it — the ledger's `skipped` entries."""
 
-    def _next_row(self) -> dict[str, Any]:
+    def _fetch(self, index: int) -> tuple[str, dict[str, Any] | DataError]:
+        if isinstance(self.rows, LazyRows):
+            return self.rows.fetch(index)
+        return self.rows[index]["id"], self.rows[index]
+
+    def _epoch_order(self) -> Sequence[int]:
+        """The current epoch's order: Python's shuffle of the positions, seeded by (seed, epoch) as it
+        always was, over a compact array (8 bytes a row) rather than a list of ints."""
+        if self._order_epoch != self.epoch:
+            self._order = range(len(self.rows))
+            if self.shuffle:
+                self._order = array("q", self._order)
+                random.Random(self.seed * 1_000_003 + self.epoch).shuffle(self._order)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def _reject(self, uid: str, problem: DataError) -> None:
+        if self.bad_rows == "fatal":
+            raise problem
+        log.warning("skipping bad row: %s", problem)
+        self.skipped.append(str(problem))
+        self._bad.add(uid)
+        self.passed_over.append((uid, self.epoch))
+
+    def _next_row(self) -> tuple[int, dict[str, Any]]:
         solved = None
         for _ in range(2 * len(self.rows) + 2):
-            if self._pos >= len(self._order):
-                if self._order:
-                    self.epoch += 1
-                self._order = list(range(len(self.rows)))
-                if self.shuffle:
-                    random.Random(self.seed * 1_000_003 + self.epoch).shuffle(self._order)
+            if self._pos >= len(self.rows):
+                self.epoch += 1
                 self._pos = 0
-            row = self.rows[self._order[self._pos]]
+                self._solved_until = {uid: e for uid, e in self._solved_until.items() if e >= self.epoch}
+            index = self._epoch_order()[self._pos]
             self._pos += 1
-            if row["id"] in self._bad:
-                self.passed_over.append((row["id"], self.epoch))
+            uid, row = self._fetch(index)
+            if uid in self._bad:
+                self.passed_over.append((uid, self.epoch))
                 continue
-            if self._solved_until.get(row["id"], -1) >= self.epoch:
+            if isinstance(row, DataError):
+                self._reject(uid, row)
+                continue
+            if self._solved_until.get(uid, -1) >= self.epoch:
                 self.skipped_solved += 1
-                self.passed_over.append((row["id"], self.epoch))
-                solved = solved or row
+                self.passed_over.append((uid, self.epoch))
+                solved = solved or (index, row)
                 continue
-            return row
+            return index, row
         if solved is not None:  # every usable row is skipped as solved: serve them rather than stop
             log.warning("pass-rate scheduling: every usable row is skipped as solved; serving them anyway")
             return solved
@@ -220,31 +289,27 @@ class PromptStream:
         """The next k prompts."""
         out = []
         while len(out) < k:
-            row = self._next_row()
+            index, row = self._next_row()
             try:
                 prompt = self.builder.build(row)
             except DataError as e:
-                if self.bad_rows == "fatal":
-                    raise
-                log.warning("skipping bad row: %s", e)
-                self.skipped.append(str(e))
-                self._bad.add(row["id"])
-                self.passed_over.append((row["id"], self.epoch))
+                self._reject(row["id"], e)
                 continue
-            prompt.epoch = self.epoch
+            prompt.epoch, prompt.index = self.epoch, index
             out.append(prompt)
         return out
 
-    def __post_init__(self) -> None:
-        self._by_id = {r["id"]: r for r in self.rows}
-
-    def row(self, uid: str) -> dict[str, Any]:
-        """The row with id `uid`."""
-        return self._by_id[uid]
+    def row_at(self, index: int) -> dict[str, Any]:
+        """The checked row at `index` (a Prompt's `index`); DataError when it is bad."""
+        _, row = self._fetch(index)
+        if isinstance(row, DataError):
+            raise row
+        return row
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream stands: restoring it serves exactly the rows the stream would have served."""
-        return {"epoch": self.epoch, "order": list(self._order), "pos": self._pos, "solved_until": dict(self._solved_until),
+        """Where the stream stands: restoring it serves exactly the rows the stream would have served
+        (the epoch's order is regenerated from the seed)."""
+        return {"epoch": self.epoch, "pos": self._pos, "solved_until": dict(self._solved_until),
                 "bad": sorted(self._bad), "skipped": list(self.skipped), "skipped_solved": self.skipped_solved,
                 "num_rows": len(self.rows)}
 
@@ -252,7 +317,7 @@ class PromptStream:
         if state["num_rows"] != len(self.rows):
             raise ValueError(f"the checkpoint's data stream has {state['num_rows']} rows, data.train has "
                              f"{len(self.rows)}: the training data changed")
-        self.epoch, self._order, self._pos = state["epoch"], list(state["order"]), state["pos"]
+        self.epoch, self._pos = state["epoch"], state["pos"]
         self._solved_until, self._bad = dict(state["solved_until"]), set(state["bad"])
         self.skipped, self.skipped_solved = list(state["skipped"]), state["skipped_solved"]
 

@@ -1,9 +1,13 @@
 """The DeepSpeed learner: one Ray actor per data-parallel rank.
 
 Each rank holds the policy under a DeepSpeed engine (ZeRO config from a DeepSpeed JSON; gloo on CPU,
-NCCL on GPU) and, when some KL is on, a frozen reference model. It computes the policy's per-token
+NCCL on GPU) and, when some KL is on, a frozen reference model — or, for a LoRA policy
+(`model.lora`, engine/lora.py), only adapters are trained and the reference is the same model with
+its adapters switched off. It computes the policy's per-token
 log-probs of the response tokens — hidden states of the language model, then the LM head through
 `kernels.logprobs_from_hidden`, so [tokens × vocabulary] logits never exist — and the loss and update.
+With `learner.shared_prefix` a micro-batch computes each prompt once for all of its responses
+(engine/collate.py): same log-probs and gradients, the cost of the unique tokens.
 
 Loss normalisers are global: the driver passes the step's total sequence and token counts, every
 micro-batch on every rank weights its tokens by them, and the per-rank loss is multiplied by the
@@ -13,20 +17,22 @@ how the step is split into micro-batches or ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine import algorithms as A
+from engine import lora
+from engine.collate import collate, collate_shared, selected_hidden, shared_prefix_supported
 from kernels import logprobs_from_hidden, logprobs_from_logits
 from rollout.weight_sync import join_group, send
-
-IMAGE_TOKEN_TYPE = 1
 
 
 @dataclass
@@ -90,14 +96,15 @@ class Learner:
             s.bind((address, 0))
             return address, s.getsockname()[1]
 
-    def init(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    def init(self, rank: int, world_size: int, master_addr: str, master_port: int) -> bool:
+        """Starts this rank; returns whether its passes share each prompt across its responses."""
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
         if not self.cuda:
             os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(self.cfg["torch_threads"])
         import deepspeed
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoModelForImageTextToText
 
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
         self.rank, self.world_size = rank, world_size
@@ -112,11 +119,19 @@ class Learner:
         self.zero3 = (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3
         self._gathered: dict[str, torch.Tensor] | None = None
         torch.manual_seed(self.seed)
-        policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        policy = AutoModelForImageTextToText.from_pretrained(
             self.model_cfg["path"], dtype=torch.float32 if ds_bf16 else dtype)
         if self.cfg["gradient_checkpointing"]:
             policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
+        # Forward passes go through the Hugging Face model itself (engine/collate.py reaches into
+        # it). With LoRA, peft injects the adapters into its layers in place and the engine holds the
+        # peft model: checkpoints carry base weights and adapters, the optimizer only the adapters.
+        self.policy = policy
+        self.lora = lora.enabled(self.model_cfg["lora"])
+        if self.lora:
+            self.lora_scale = lora.scaling(self.model_cfg["lora"])
+            policy = lora.wrap(policy, self.model_cfg["lora"])
         ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
                          gradient_clipping=self.cfg["grad_clip"],
                          # We call step() once per optimizer step after a variable number of backwards.
@@ -124,65 +139,39 @@ class Learner:
         ds_config.pop("train_batch_size", None)
         optimizer = None
         if "optimizer" not in ds_config:
-            optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg["lr"], betas=tuple(self.cfg["betas"]),
+            optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=self.cfg["lr"],
+                                          betas=tuple(self.cfg["betas"]),
                                           weight_decay=self.cfg["weight_decay"])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
         self.ref = None
         self.ref_is_initial = True
-        if self.use_reference:
-            self.ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        if self.use_reference and not self.lora:
+            self.ref = AutoModelForImageTextToText.from_pretrained(
                 self.model_cfg["reference_path"] or self.model_cfg["path"], dtype=dtype)
             self.ref.to(self.device).eval().requires_grad_(False)
-        self.image_token_id = policy.config.image_token_id
-        self.vision_token_ids = [t for t in (policy.config.image_token_id, getattr(policy.config, "video_token_id", None))
-                                 if t is not None]
+        config = self.policy.config
+        self.image_token_id = config.image_token_id
+        self.vision_token_ids = [t for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None]
+        self.shared_prefix = shared_prefix_supported(self.policy, self.cfg["shared_prefix"], warn=rank == 0)
+        return self.shared_prefix
 
     # ---- forward ----
 
     def _collate(self, seqs: list[Sequence], images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-        full = [s.prompt_ids + s.response_ids for s in seqs]
-        length = max(len(x) for x in full)
-        ids = torch.zeros(len(full), length, dtype=torch.long)
-        mask = torch.zeros(len(full), length, dtype=torch.long)
-        in_prompt = torch.zeros(len(full), length, dtype=torch.bool)
-        for i, (s, x) in enumerate(zip(seqs, full)):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-            in_prompt[i, : len(s.prompt_ids)] = True
-        # A policy can sample a vision placeholder token (<|image_pad|>, …) in its response. vLLM
-        # embeds such a token as text: image features fill only the prompt's placeholders. Here the
-        # model sees the real ids through their embeddings, while the ids it locates image features
-        # and rotary positions by have response placeholders blanked (else: "image features and
-        # image tokens do not match", or features and positions shifted).
-        real = in_prompt | torch.tensor([s.vision_in_response for s in seqs])[:, None]
-        stray = torch.isin(ids, torch.tensor(self.vision_token_ids)) & ~real
-        batch = {"ids": ids, "input_ids": ids.masked_fill(stray, 0), "attention_mask": mask,
-                 "mm_token_type_ids": ((ids == self.image_token_id) & real).int() * IMAGE_TOKEN_TYPE}
-        used = [images[s.image] for s in seqs if s.image >= 0]
-        if used:
-            batch["pixel_values"] = torch.cat([p for p, _ in used])
-            batch["image_grid_thw"] = torch.cat([g for _, g in used])
-        # Hidden state at position p predicts token p + 1: the response's tokens are predicted from
-        # positions len(prompt) − 1 … len(prompt) + len(response) − 2.
-        rows = torch.cat([torch.full((len(s.response_ids),), i) for i, s in enumerate(seqs)])
-        cols = torch.cat([torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.response_ids) - 1) for s in seqs])
-        batch["select"] = (rows, cols)
-        batch["targets"] = torch.tensor([t for s in seqs for t in s.response_ids], dtype=torch.long)
-        return batch
+        if self.shared_prefix and not any(s.vision_in_response for s in seqs):
+            return collate_shared(seqs, images, self.image_token_id, self.vision_token_ids,
+                                  self.policy.model.get_rope_index)
+        return collate(seqs, images, self.image_token_id, self.vision_token_ids)
 
     def _token_logprobs(self, model: torch.nn.Module, batch: dict[str, Any],
                         temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob, entropy) [N] of the response tokens under `model` at `temperature` (None: the
         rollout temperature, which RL's ratios need; supervised losses use 1)."""
         temperature = self.temperature if temperature is None else temperature
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("select", "targets", "ids")}
-        embeds = model.model.get_input_embeddings()(batch["ids"].to(self.device))
-        hidden = model.model(**inputs, inputs_embeds=embeds, use_cache=False).last_hidden_state
-        rows, cols = batch["select"]
-        selected = hidden[rows.to(self.device), cols.to(self.device)].contiguous()
+        selected = selected_hidden(model, batch, self.device)
         targets = batch["targets"].to(self.device)
-        if self.zero3 and model is self.engine.module:
+        if self.zero3 and model is self.policy:
             # A partitioned LM head is gathered only inside its own forward (whose backward also
             # reduce-scatters its gradient), so the logits are materialised here.
             logp, entropy, _ = logprobs_from_logits(model.lm_head(selected).contiguous(), targets,
@@ -199,18 +188,22 @@ class Learner:
     @torch.no_grad()
     def compute_logprobs(self, shard: Shard, which: str, temperature: float | None = None) -> list[list[float]]:
         """Per-sequence log-probs of the response tokens under the current policy ("old") or the
-        frozen reference ("ref"), at `temperature` (None: the rollout temperature)."""
-        model = self.ref if which == "ref" else self.engine.module
+        frozen reference ("ref"; with LoRA the policy with its adapters off), at `temperature`
+        (None: the rollout temperature)."""
+        reference = which == "ref"
+        model = self.ref if reference and not self.lora else self.policy
+        adapters_off = self.engine.module.disable_adapter() if reference and self.lora else contextlib.nullcontext()
         was_training = model.training
         model.eval()
         out = []
-        for mb in self._micro_batches(shard):
-            if not mb:
-                if self.zero3 and which == "old":  # join the other ranks' parameter gathers
-                    self._token_logprobs(model, self._collate(shard.sequences[:1], shard.images), temperature)
-                continue
-            logp, _ = self._token_logprobs(model, self._collate(mb, shard.images), temperature)
-            out.extend(x.tolist() for x in logp.float().cpu().split([len(s.response_ids) for s in mb]))
+        with adapters_off:
+            for mb in self._micro_batches(shard):
+                if not mb:
+                    if self.zero3 and which == "old":  # join the other ranks' parameter gathers
+                        self._token_logprobs(model, self._collate(shard.sequences[:1], shard.images), temperature)
+                    continue
+                logp, _ = self._token_logprobs(model, self._collate(mb, shard.images), temperature)
+                out.extend(x.tolist() for x in logp.float().cpu().split([len(s.response_ids) for s in mb]))
         model.train(was_training)
         return out
 
@@ -222,7 +215,7 @@ class Learner:
         empty = not mb
         seqs = mb or shard.sequences[:1]
         batch = self._collate(seqs, shard.images)
-        logp, entropy = self._token_logprobs(self.engine.module, batch, temperature)
+        logp, entropy = self._token_logprobs(self.policy, batch, temperature)
         weighted, stats = loss_fn(batch, logp, entropy, seqs)
         if empty:
             weighted = weighted * 0.0  # joins the gradient reduction, contributes nothing
@@ -292,7 +285,16 @@ class Learner:
         self.engine.step()
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0) / self.world_size
         stats["learner/update_s"] = (time.perf_counter() - t0) / self.world_size
+        stats["learner/peak_memory_gb"] = self._peak_memory_gb() / self.world_size
         return stats
+
+    def _peak_memory_gb(self) -> float:
+        """Peak GPU memory allocated by this rank, or on CPU the process's peak resident set."""
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
     def update(self, shards: list[Shard], lr: float) -> dict[str, float]:
         """One RL step: an optimizer step per shard (PPO mini-batch), repeated `epochs` times.
@@ -314,7 +316,19 @@ class Learner:
         """After the SFT warm-up: the reference becomes a frozen copy of the current policy (the KL
         anchors RL to the model it starts from, as the seeds do), and the optimizer state is cleared.
         Adam's second moments from SFT gradients (norm ~1) would otherwise shrink RL's steps (norm
-        ~0.1) about tenfold for the next ~1/(1 − β₂) = 1000 steps."""
+        ~0.1) about tenfold for the next ~1/(1 − β₂) = 1000 steps.
+
+        With LoRA the adapters are folded into the base weights, W ← W + (α/r)·B·A, and B is zeroed:
+        the policy is unchanged, and "adapters off" — the reference — is now this policy, with no
+        copy of the weights. Training continues on fresh adapters (A keeps its values, B = 0: LoRA's
+        own initialisation, Hu et al. 2021 §4.1)."""
+        if self.lora:
+            lora.fold_into_base(self.engine.module, self.lora_scale)
+            # ZeRO-1/2 and DeepSpeed's bf16 mode keep fp32 master copies of the trained parameters
+            # (the adapters) and write them back after each step: they must take the zeroed B.
+            refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:
+                refresh()
         if self.ref is not None:
             self.ref.load_state_dict(self._full_state())
             self.ref_is_initial = False
@@ -323,8 +337,9 @@ class Learner:
     # ---- full training state ----
 
     def save_state(self, path: str) -> None:
-        """Every rank (together): the DeepSpeed engine state — weights, optimizer, ZeRO partitions —
-        and this rank's torch RNG; rank 0 also the reference model when it is no longer model.path."""
+        """Every rank (together): the DeepSpeed engine state — weights, optimizer, ZeRO partitions;
+        with LoRA the base weights (the reference) and the adapters — and this rank's torch RNG; rank
+        0 also the reference model when it is no longer model.path."""
         self.engine.save_checkpoint(path, tag="engine", save_latest=False)
         torch.save(torch.get_rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
         if self.rank == 0 and self.ref is not None and not self.ref_is_initial:
@@ -362,14 +377,17 @@ class Learner:
             full = self._full_state()
             self._gathered = full if self.rank == 0 else None
 
-    def _export_tensors(self) -> dict[str, torch.Tensor]:
-        """The policy's parameters in Hugging Face names (the tied LM head is not repeated)."""
-        model = self.engine.module
+    def _export_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The policy's parameters in Hugging Face names (the tied LM head is not repeated). With
+        LoRA the adapters are merged in, each layer as it is read (engine/lora.py): no second copy of
+        the adapted weights, the training weights untouched, plain weights for any vLLM."""
         if self.zero3 and self._gathered is None:
             raise RuntimeError("ZeRO-3: gather_weights() must run on every learner rank before a weight export")
-        state = self._gathered if self.zero3 else model.state_dict()
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        return {name: t.detach() for name, t in state.items() if not (tied and name == "lm_head.weight")}
+        state = self._gathered if self.zero3 else self.engine.module.state_dict()
+        skip = {"lm_head.weight"} if getattr(self.policy.config, "tie_word_embeddings", False) else set()
+        if self.lora:
+            return lora.MergedWeights(state, self.lora_scale, skip)
+        return {name: t.detach() for name, t in state.items() if name not in skip}
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The weights as CPU copies, for the object-store transport."""
@@ -388,13 +406,16 @@ class Learner:
 
     def save(self, path: str) -> str:
         """Writes a Hugging Face folder (weights, config, tokenizer, processor) loadable by
-        transformers and vLLM; rank 0 writes, the others return once they helped gather (ZeRO-3)."""
+        transformers and vLLM — with LoRA the adapters merged in; rank 0 writes, the others return
+        once they helped gather (ZeRO-3)."""
         state = self._full_state() if self.zero3 else None
         if self.rank != 0:
             return path
+        if self.lora:  # merged layer by layer into host memory
+            state = {name: t.to("cpu", copy=True) for name, t in self._export_tensors().items()}
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        self.policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         # The processor (tokenizer, chat template, image processor) through its own save_pretrained:
         # the export is self-contained whatever model.path holds besides.
         from transformers import AutoProcessor

@@ -7,15 +7,21 @@ sequence and token counts so the loss normalisation is the same however the step
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import logging
+from typing import Any, Hashable
 
 import ray
+import torch
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from engine.collate import prefix_key
 from engine.config import Config
 from engine.learner import Learner, Sequence, Shard
 from rollout.placement import reserve
+
+log = logging.getLogger("pathorl.learner")
 
 
 def split_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
@@ -33,33 +39,63 @@ def split_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
     return [sorted(r) for r in ranks]
 
 
-def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[int]:
-    """Sizes of consecutive micro-batches of sequences with these lengths such that each padded
-    micro-batch (its size × its longest sequence) stays within `max_tokens`. A sequence longer than
-    the budget gets a micro-batch of its own (trained, never dropped)."""
+def pack_by_tokens(rows: list[tuple[Hashable, int, int]], max_tokens: int) -> list[int]:
+    """Sizes of consecutive micro-batches of sequences given as (prefix key, prompt length, response
+    length), such that each padded micro-batch — its packed rows × its longest row — stays within
+    `max_tokens`. Consecutive sequences with one key share a row and count their prompt once (the
+    shared-prefix pass, `engine.collate`); give every sequence its own key for one row each. A
+    sequence longer than the budget gets a micro-batch of its own (trained, with a warning)."""
     sizes: list[int] = []
-    longest = 0
-    for n in lengths:
-        if sizes and (sizes[-1] + 1) * max(longest, n) <= max_tokens:
+    row_lengths: list[int] = []
+    last = None
+    for key, prompt, response in rows:
+        trial = row_lengths[:-1] + [row_lengths[-1] + response] if sizes and key == last else row_lengths + [prompt + response]
+        if sizes and len(trial) * max(trial) <= max_tokens:
             sizes[-1] += 1
-            longest = max(longest, n)
+            row_lengths = trial
         else:
+            if prompt + response > max_tokens:
+                log.warning("a sequence of %d tokens (prompt %d + response %d) exceeds "
+                            "max_tokens_per_micro_batch=%d: it is trained in a micro-batch of its own",
+                            prompt + response, prompt, response, max_tokens)
             sizes.append(1)
-            longest = n
+            row_lengths = [prompt + response]
+        last = key
     return sizes
 
 
+def _contiguous(order: list[int], world_size: int) -> list[list[int]]:
+    """`order` cut into `world_size` consecutive parts of equal size (±1), the larger ones first."""
+    counts = [len(order) // world_size + (1 if r < len(order) % world_size else 0) for r in range(world_size)]
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return [order[end - n:end] for n, end in zip(counts, ends)]
+
+
 def make_shards(sequences: list[Sequence], images: list[Any], world_size: int, micro_batch_size: int,
-                max_tokens: int = 0) -> list[Shard]:
+                max_tokens: int = 0, shared_prefix: bool = False) -> list[Shard]:
     """One optimizer step's sequences as a shard per rank (images re-indexed per shard), cut into
-    micro-batches of `micro_batch_size` sequences, or by padded token count when `max_tokens` > 0
-    (each rank's sequences sorted by length so that similar lengths share a micro-batch). Every rank
-    gets the same number of micro-batches (padded with empty ones)."""
+    micro-batches of `micro_batch_size` sequences, or by padded token count when `max_tokens` > 0.
+    Unshared: ranks balanced by tokens, each rank's sequences sorted by length so that similar
+    lengths share a micro-batch. Shared prefix: the sequences ordered by prompt (prompts by packed
+    length) and cut into consecutive parts, so a prompt's responses stay together (a group is split only at a rank or
+    micro-batch boundary, each part computing the prompt once). Every rank gets the same number of
+    micro-batches (padded with empty ones)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
-    split = split_across_ranks(lengths, world_size)
+    if shared_prefix:
+        first: dict[tuple, int] = {}
+        keys = [first.setdefault(prefix_key(s), len(first)) for s in sequences]
+        packed = [0] * len(first)
+        for s, k in zip(sequences, keys):
+            packed[k] += len(s.response_ids) + (0 if packed[k] else len(s.prompt_ids))
+        split = _contiguous(sorted(range(len(sequences)), key=lambda i: (packed[keys[i]], keys[i])), world_size)
+    else:
+        keys = list(range(len(sequences)))
+        split = split_across_ranks(lengths, world_size)
+        if max_tokens > 0:
+            split = [sorted(idx, key=lambda i: lengths[i]) for idx in split]
     if max_tokens > 0:
-        split = [sorted(idx, key=lambda i: lengths[i]) for idx in split]
-        sizes = [pack_by_tokens([lengths[i] for i in idx], max_tokens) for idx in split]
+        sizes = [pack_by_tokens([(keys[i], len(sequences[i].prompt_ids), len(sequences[i].response_ids)) for i in idx],
+                                max_tokens) for idx in split]
     else:
         sizes = [[min(micro_batch_size, len(idx) - k) for k in range(0, len(idx), micro_batch_size)] for idx in split]
     num_micro = max(1, max(len(s) for s in sizes))
@@ -74,6 +110,30 @@ def make_shards(sequences: list[Sequence], images: list[Any], world_size: int, m
                             micro_sizes=micro + [0] * (num_micro - len(micro)),
                             num_seqs=len(sequences), num_tokens=num_tokens))
     return shards
+
+
+def pass_tokens(shards: list[Shard], shared_prefix: bool) -> tuple[int, int]:
+    """(tokens, padded tokens) one forward pass over `shards` feeds the model: rows of packed prompt +
+    responses with the shared prefix (as engine/collate.py builds them), else one row per sequence."""
+    tokens = padded = 0
+    for shard in shards:
+        start = 0
+        for size in shard.micro_sizes:
+            mb = shard.sequences[start:start + size]
+            start += size
+            rows: dict[Any, int] = {}
+            for k, s in enumerate(mb):
+                key = prefix_key(s) if shared_prefix and not any(q.vision_in_response for q in mb) else k
+                rows[key] = rows.get(key, len(s.prompt_ids)) + len(s.response_ids)
+            tokens += sum(rows.values())
+            padded += len(rows) * max(rows.values(), default=0)
+    return tokens, padded
+
+
+def unique_tokens(sequences: list[Sequence]) -> int:
+    """Tokens of the step counting each distinct prompt once: what an ideal shared pass computes."""
+    prompts = {prefix_key(s): len(s.prompt_ids) for s in sequences}
+    return sum(prompts.values()) + sum(len(s.response_ids) for s in sequences)
 
 
 def split_mini_batches(group_ids: list[int], k: int, min_size: int) -> list[list[int]]:
@@ -104,15 +164,16 @@ class LearnerGroup:
         self.world_size = lc.num_ranks
         self.micro_batch_size = lc.micro_batch_size
         self.max_tokens = lc.max_tokens_per_micro_batch
+        self.shared_prefix = lc.shared_prefix  # until the ranks report whether their model supports it
         self.lr = lc.lr
-        bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
+        bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {}), **lc.resources}
         self._pg = reserve([bundle] * lc.num_ranks, "learner ranks", cfg.trainer.placement_timeout_s)
         actor = ray.remote(Learner)
         self.ranks = [
             actor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
                           runtime_env={"env_vars": {"OMP_NUM_THREADS": str(lc.torch_threads)}},
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r))
-            .remote(model=vars(cfg.model), learner=vars(lc), algorithm=vars(cfg.algorithm),
+            .remote(model=dataclasses.asdict(cfg.model), learner=vars(lc), algorithm=vars(cfg.algorithm),
                     temperature=cfg.rollout.temperature, max_response_len=cfg.rollout.max_new_tokens,
                     use_reference=cfg.uses_reference if use_reference is None else use_reference,
                     seed=cfg.trainer.seed)
@@ -122,11 +183,11 @@ class LearnerGroup:
         self._starting = [a.init.remote(r, self.world_size, master, port) for r, a in enumerate(self.ranks)]
 
     def wait_ready(self) -> None:
-        ray.get(self._starting)
+        self.shared_prefix = all(ray.get(self._starting))
 
     def _shards(self, sequences: list[Sequence], images: list[Any], max_tokens: int | None = None) -> list[Shard]:
         return make_shards(sequences, images, self.world_size, self.micro_batch_size,
-                           self.max_tokens if max_tokens is None else max_tokens)
+                           self.max_tokens if max_tokens is None else max_tokens, self.shared_prefix)
 
     def compute_logprobs(self, sequences: list[Sequence], images: list[Any], which: str,
                          temperature: float | None = None) -> list[list[float]]:
@@ -156,7 +217,11 @@ class LearnerGroup:
             for r, shard in enumerate(self._shards(mb, images)):
                 per_rank[r].append(shard)
         lr = self.lr if lr is None else lr
-        return _sum(ray.get([a.update.remote(s, lr) for a, s in zip(self.ranks, per_rank)]))
+        stats = _sum(ray.get([a.update.remote(s, lr) for a, s in zip(self.ranks, per_rank)]))
+        tokens, padded = pass_tokens([s for shards in per_rank for s in shards], self.shared_prefix)
+        stats.update({"learner/pass_tokens": float(tokens), "learner/pass_padded_tokens": float(padded),
+                      "learner/unique_tokens": float(unique_tokens([s for mb in mini_batches for s in mb]))})
+        return stats
 
     def sft_update(self, sequences: list[Sequence], images: list[Any], lr: float, max_tokens: int = 0) -> dict[str, float]:
         """One supervised optimizer step; micro-batches by padded token count when `max_tokens` > 0."""

@@ -10,39 +10,49 @@ placed.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import Config, ConfigError
-from engine.data import load_rows
+from engine.config import Config, ConfigError, DataConfig
+from engine.data import DataError, LazyRows, load_rows, open_rows, valid_rows
+from engine.lora import enabled as lora_enabled
+from engine.lora import target_layers
 
+log = logging.getLogger("pathorl.preflight")
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
 class RunData:
-    """The validated rows of a run."""
+    """The rows of a run."""
 
-    train: list[dict[str, Any]]
+    train: LazyRows
+    """Training rows, read as they are served (only the good ones when checked at start-up)."""
     skipped: list[str] = field(default_factory=list)
-    """Problems of the training rows skipped as bad (data.bad_rows=skip)."""
+    """Problems of the training rows skipped as bad at start-up (data.bad_rows=skip)."""
     val: list[dict[str, Any]] = field(default_factory=list)
 
 
 def preflight(cfg: Config) -> RunData:
-    """Checks paths, files and hardware (all problems reported together), then loads and checks the
-    rows; raises ConfigError, or DataError for a bad row under data.bad_rows=fatal."""
+    """Checks paths, files and hardware (all problems reported together), then opens the training
+    rows (checking them all when there are at most data.check_rows) and loads the validation rows;
+    raises ConfigError, or DataError for a bad row under data.bad_rows=fatal."""
     problems = model_problems(cfg.model.path, "model.path")
     if cfg.reward.judge_model:
-        problems += model_problems(cfg.reward.judge_model, "reward.judge_model")
+        problems += model_problems(cfg.reward.judge_model, "reward.judge_model", policy=False)
     if cfg.model.reference_path:
         problems += model_problems(cfg.model.reference_path, "model.reference_path")
     problems += _deepspeed_problems(cfg.learner.deepspeed_config) + logger_problems(cfg.trainer.loggers)
+    problems += lora_problems(cfg)
     for name, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        if path is not None and not os.path.isfile(path):
-            problems.append(f"{name}: {_where(path)} is not a file")
+        if path is not None and not os.path.exists(path):
+            problems.append(f"{name}: {_where(path)} is not a file or folder")
+    if cfg.data.format_prompt is not None and not os.path.isfile(cfg.data.format_prompt):
+        problems.append(f"data.format_prompt: {_where(cfg.data.format_prompt)} is not a file")
     for i, f in enumerate(cfg.reward.functions):
         problems += _reward_problems(f.fn, f"reward.functions[{i}].fn")
     if cfg.trainer.resume not in ("auto", "off"):
@@ -59,14 +69,33 @@ def preflight(cfg: Config) -> RunData:
                             "(set learner.num_gpus=0 to learn on CPU)")
     if problems:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
-    train, skipped = load_rows(cfg.data.train, cfg.data.bad_rows)
+    train, skipped, crowded = open_train(cfg.data)
     val = load_rows(cfg.data.val, cfg.data.bad_rows)[0] if cfg.data.val else []
     limit = cfg.data.max_images_per_prompt
-    crowded = [f"{r['_where']} has {len(r['images'])}" for r in train + val if len(r["images"]) > limit]
+    crowded += [f"{r['_where']} has {len(r['images'])}" for r in val if len(r["images"]) > limit]
     if crowded:
         raise ConfigError(f"data.max_images_per_prompt={limit}, but {len(crowded)} row(s) carry more images "
                           f"({'; '.join(crowded[:3])}): raise data.max_images_per_prompt")
     return RunData(train=train, skipped=skipped, val=val)
+
+
+def open_train(data: DataConfig) -> tuple[LazyRows, list[str], list[str]]:
+    """data.train's rows, checked whole when there are at most data.check_rows of them (then only
+    the good ones are kept); the problems of the rows skipped, and the rows with more than
+    data.max_images_per_prompt images ("<where> has <n>")."""
+    train, skipped, crowded = open_rows(data.train), [], []
+    if len(train) > data.check_rows:
+        log.info("data.train has %d rows (more than data.check_rows=%d): rows are checked as they are served",
+                 len(train), data.check_rows)
+        return train, skipped, crowded
+    good = []  # positions only: the rows themselves may hold image bytes
+    for i, row in valid_rows(train, data.bad_rows, skipped):
+        good.append(i)
+        if len(row["images"]) > data.max_images_per_prompt:
+            crowded.append(f"{row['_where']} has {len(row['images'])}")
+    if not good:
+        raise DataError(f"{data.train}: no usable rows ({len(skipped)} skipped)")
+    return train.subset(good), skipped, crowded
 
 
 def logger_problems(loggers: list[str]) -> list[str]:
@@ -84,7 +113,7 @@ def preflight_sft(cfg: Config) -> None:
     """The SFT stage's start-up checks: model, DeepSpeed config, data files and resume path (the rows
     are read and checked by the stage itself, bad ones skipped or fatal by data.bad_rows)."""
     problems = model_problems(cfg.model.path, "model.path") + _deepspeed_problems(cfg.learner.deepspeed_config)
-    problems += logger_problems(cfg.trainer.loggers)
+    problems += logger_problems(cfg.trainer.loggers) + lora_problems(cfg)
     if cfg.sft.train is None:
         problems.append("sft.train is not set: the SFT stage needs a data file")
     for name, path in (("sft.train", cfg.sft.train), ("sft.val", cfg.sft.val)):
@@ -114,6 +143,9 @@ def check_cluster(cfg: Config, available: dict[str, float]) -> None:
                 "learner.num_ranks x learner.num_gpus": lc.num_ranks * lc.num_gpus,
                 "the judge (one GPU)": 1.0 if gpu_run and judge else 0.0},
     }
+    for resource in {*r.resources, *lc.resources}:
+        needs[resource] = {"rollout.num_workers x rollout.resources": r.num_workers * r.resources.get(resource, 0.0),
+                           "learner.num_ranks x learner.resources": lc.num_ranks * lc.resources.get(resource, 0.0)}
     short = []
     for resource, parts in needs.items():
         total, have = sum(parts.values()), available.get(resource, 0.0)
@@ -128,11 +160,51 @@ def _where(path: str) -> str:
     return path if os.path.isabs(path) else f"{path} (resolved against {os.getcwd()})"
 
 
-def model_problems(path: str, name: str) -> list[str]:
+def model_problems(path: str, name: str, policy: bool = True) -> list[str]:
+    """A local Hugging Face folder; for a `policy` (trained, rolled out, evaluated) also one that
+    transformers loads through AutoModelForImageTextToText with an image placeholder token, as the
+    learner needs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; vLLM reports its own support when it starts)."""
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         return [f"{name}: {_where(path)} is not a Hugging Face model folder (no config.json there); models "
                 "are read from local folders only, never looked up on a hub"]
+    if not policy:
+        return []
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # an unknown model_type, a broken config.json
+        return [f"{name}: {path}/config.json cannot be read by transformers {transformers.__version__} "
+                f"({type(e).__name__}: {e})"]
+    if type(config) not in AutoModelForImageTextToText._model_mapping:
+        return [f"{name}: {path} is a {config.model_type!r} model, which transformers {transformers.__version__} "
+                "has no AutoModelForImageTextToText class for: the policy must be a vision-language model "
+                "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)"]
+    if getattr(config, "image_token_id", None) is None:
+        return [f"{name}: {path}: config.json has no image_token_id, which the learner places image features by"]
     return []
+
+
+def lora_problems(cfg: Config) -> list[str]:
+    """model.lora against the model's layers (a skeleton on the meta device: no weights are read)
+    and the DeepSpeed config; nothing when LoRA is off or the model or config is unusable (reported
+    by their own checks)."""
+    lora = dataclasses.asdict(cfg.model.lora)
+    if not lora_enabled(lora) or model_problems(cfg.model.path, "model.path"):
+        return []
+    problems = []
+    if not _deepspeed_problems(cfg.learner.deepspeed_config):
+        with open(cfg.learner.deepspeed_config) as f:
+            if (json.load(f).get("zero_optimization") or {}).get("stage", 0) == 3:
+                problems.append(f"model.lora with ZeRO-3 ({cfg.learner.deepspeed_config}) is not supported yet: folding "
+                                "the adapters into partitioned weights is not implemented; use ZeRO stage 0-2")
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(cfg.model.path))
+    return problems + target_layers(skeleton, lora)[1]
 
 
 def _deepspeed_problems(path: str) -> list[str]:

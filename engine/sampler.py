@@ -96,7 +96,7 @@ def start_pool(cfg: Config, model_path: str) -> RolloutPool:
         env_vars=None if gpu else {"OMP_NUM_THREADS": str(r.cpu_threads or os.cpu_count())},
         weight_transport=r.weight_sync if r.weight_sync != "auto" else ("broadcast" if gpu else "object_store"),
         bucket_mb=r.weight_sync_bucket_mb, max_images_per_prompt=cfg.data.max_images_per_prompt,
-        placement_timeout_s=cfg.trainer.placement_timeout_s)
+        placement_timeout_s=cfg.trainer.placement_timeout_s, resources=r.resources)
 
 
 def rollout_seed(run_seed: int, uid: str, epoch: int) -> int:
@@ -242,9 +242,10 @@ class GroupSampler:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and the carried-over groups (tokens, log-probs, rewards; prompts by row id)."""
-        carry = [{"uid": g.prompt.uid, "epoch": g.prompt.epoch, "result": to_record(g.result), "texts": g.texts,
-                  "scores": g.scores, "components": g.components, "step": g.step, "old_logprobs": g.old_logprobs}
+        """Counters and the carried-over groups (tokens, log-probs, rewards; prompts by row position and id)."""
+        carry = [{"uid": g.prompt.uid, "index": g.prompt.index, "epoch": g.prompt.epoch, "result": to_record(g.result),
+                  "texts": g.texts, "scores": g.scores, "components": g.components, "step": g.step,
+                  "old_logprobs": g.old_logprobs}
                  for g in self.carry]
         return {"stats": dataclasses.asdict(self.stats), "uid": self._uid, "carry": carry}
 
@@ -253,8 +254,16 @@ class GroupSampler:
         self._uid = state["uid"]
         self.carry = []
         for c in state["carry"]:
-            prompt = self.stream.builder.build(self.stream.row(c["uid"]))
-            prompt.epoch = c["epoch"]
+            if "index" not in c:
+                raise ValueError(f"the checkpoint carries a group of row {c['uid']!r} without its row position "
+                                 "(written before rows were read lazily, 2026-12-01): resume it with the pathorl "
+                                 "version that wrote it, or start afresh with trainer.resume=off")
+            row = self.stream.row_at(c["index"])
+            if row["id"] != c["uid"]:
+                raise ValueError(f"the checkpoint carries a group of row {c['uid']!r}, but data.train's row "
+                                 f"{c['index']} is {row['id']!r}: the training data changed")
+            prompt = self.stream.builder.build(row)
+            prompt.epoch, prompt.index = c["epoch"], c["index"]
             self.carry.append(ScoredGroup(prompt, from_record(c["result"]), c["texts"], c["scores"], c["components"],
                                           step=c["step"], old_logprobs=c["old_logprobs"]))
 

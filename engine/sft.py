@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine import checkpoint
-from engine.config import Config, SFTConfig, to_dict
+from engine.config import Config, SFTConfig, absolute_paths, to_dict
 from engine.data import DataError
 from engine.learner import Sequence
 from engine.learner_group import LearnerGroup
@@ -167,6 +167,7 @@ class SFTStage:
     def __init__(self, cfg: Config):
         from transformers import AutoProcessor
 
+        absolute_paths(cfg)
         self.cfg = cfg
         processor = AutoProcessor.from_pretrained(cfg.model.path)
         base = os.path.dirname(os.path.abspath(cfg.sft.train))

@@ -19,7 +19,7 @@ Row formats, recognised per row by their keys (jsonl, or parquet with images as 
 
 An image is a path (relative to the data file's folder, or absolute; `file://` accepted), a
 `data:image/…;base64,` URI, raw bytes, or a {"bytes", "path"} struct (Hugging Face `datasets`' Image
-feature in parquet). Remote URLs are refused: nothing is downloaded.
+feature in parquet); see engine/images.py. Remote URLs are refused: nothing is downloaded.
 
 Loss mask. The conversation is rendered once by the model's chat template; every assistant turn
 (its text and the end-of-turn token, not the newline after it) is a target, everything else has
@@ -32,8 +32,6 @@ published: this is the general form it is an instance of.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
@@ -41,15 +39,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from PIL import Image
 
-from engine.data import DataError
+from engine.chat import ROLES, to_messages
+from engine.errors import DataError
+from engine.images import load_image
 from rewards import format_prompt
 
-PLACEHOLDER = "<image>"
 _TAG = re.compile(r"<(/?)([A-Za-z_][\w-]*)>")
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-          "bot": "assistant", "model": "assistant"}
 
 
 @dataclass
@@ -99,22 +95,6 @@ def read_records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
                     yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: not valid JSON ({e})")
 
 
-def _text_and_images(text: Any, where: str, images: list[Any], pending: list[Any]) -> list[dict[str, Any]]:
-    """String content with `<image>` placeholders → parts; each placeholder takes the next of `pending`."""
-    if not isinstance(text, str):
-        raise DataError(f"{where}: message content must be text, got {type(text).__name__}")
-    parts = []
-    for k, piece in enumerate(text.split(PLACEHOLDER)):
-        if k:
-            if not pending:
-                raise DataError(f"{where}: more {PLACEHOLDER} placeholders than images")
-            images.append(pending.pop(0))
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
-
-
 def _row_images(row: dict[str, Any], where: str) -> list[Any]:
     images = row.get("images", [row["image"]] if row.get("image") is not None else [])
     if images is None:
@@ -125,39 +105,9 @@ def _row_images(row: dict[str, Any], where: str) -> list[Any]:
 
 
 def _chat(turns: list[tuple[str, Any]], where: str, pending: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """(role, content) turns → messages with image parts, and the images in order of appearance."""
-    messages, images = [], []
-    for i, (role, content) in enumerate(turns):
-        at = f"{where}: turn {i}"
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{at}: unknown role {role!r}")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    parts += _text_and_images(part.get("text"), at, images, pending)
-                elif kind in ("image", "image_url"):
-                    ref = part.get("image") if kind == "image" else part.get("image_url")
-                    if isinstance(ref, dict):
-                        ref = ref.get("url")
-                    if ref is None:
-                        if not pending:
-                            raise DataError(f"{at}: more image parts than images")
-                        ref = pending.pop(0)
-                    images.append(ref)
-                    parts.append({"type": "image"})
-                else:
-                    raise DataError(f"{at}: content part {part!r} is neither text nor an image")
-        else:
-            parts = _text_and_images(content, at, images, pending)
-        if role != "user" and any(p["type"] == "image" for p in parts):
-            raise DataError(f"{at}: images are only supported in user turns, found one in a {role} turn")
-        if role == "system":
-            parts = "".join(p["text"] for p in parts)
-        messages.append({"role": role, "content": parts})
-    if pending:
-        raise DataError(f"{where}: {len(images) + len(pending)} images but {len(images)} image placeholders")
+    """(role, content) turns → messages with image parts and the images in order (engine/chat.py),
+    with at least one assistant turn to train on."""
+    messages, images = to_messages(turns, where, pending)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn (nothing to train on)")
     return messages, images
@@ -177,9 +127,9 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
         pairs = []
         for i, t in enumerate(turns):
             speaker = t.get("from", t.get("role"))
-            if speaker not in _ROLES:
+            if speaker not in ROLES:
                 raise DataError(f"{where}: turn {i}: unknown speaker {speaker!r} (expected human, gpt or system)")
-            pairs.append((_ROLES[speaker], t.get("value", t.get("content"))))
+            pairs.append((ROLES[speaker], t.get("value", t.get("content"))))
         if isinstance(row.get("system"), str) and row["system"] and not (pairs and pairs[0][0] == "system"):
             pairs.insert(0, ("system", row["system"]))  # LLaMA-Factory's optional `system` column
         messages, images = _chat(pairs, where, pending)
@@ -187,7 +137,7 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
         turns = row["messages"]
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        messages, images = _chat([(_ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in turns],
+        messages, images = _chat([(ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in turns],
                                  where, pending)
     elif "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
@@ -195,7 +145,7 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
             turns = [("user", prompt), ("assistant", completion)]
         elif isinstance(prompt, list) and isinstance(completion, list) and all(
                 isinstance(t, dict) for t in prompt + completion):
-            turns = [(_ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in prompt + completion]
+            turns = [(ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in prompt + completion]
             if any(t.get("role") != "assistant" for t in completion):
                 raise DataError(f"{where}: every turn of 'completion' must be an assistant turn")
         else:
@@ -219,8 +169,9 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
         if not isinstance(response, str) or not response.strip():
             raise DataError(f"{where}: 'response' must be a non-empty string")
         user = [{"type": "image"} for _ in pending] + [{"type": "text", "text": format_prompt(question, options)}]
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user},
-                    {"role": "assistant", "content": [{"type": "text", "text": response}]}]
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []  # as RL's prompts
+        messages = system + [{"role": "user", "content": user},
+                             {"role": "assistant", "content": [{"type": "text", "text": response}]}]
         images = pending
     else:
         raise DataError(f"{where}: no known format: expected 'conversations' (ShareGPT), 'messages' (OpenAI), "
@@ -228,30 +179,6 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
                         f"schema); keys are {sorted(row)}")
     return Conversation(uid=str(row.get("id", where)), where=where, messages=messages, images=images,
                         data_source=str(row.get("data_source") or ""))
-
-
-def load_image(ref: Any, base_dir: str, where: str) -> Image.Image:
-    """A path, data URI, bytes or {"bytes", "path"} struct → an RGB image."""
-    try:
-        if isinstance(ref, dict):
-            ref = ref.get("bytes") or ref.get("path")
-        if isinstance(ref, (bytes, bytearray)):
-            source: Any = io.BytesIO(ref)
-        elif isinstance(ref, str) and ref.startswith("data:"):
-            source = io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
-        elif isinstance(ref, str) and ref.startswith(("http://", "https://")):
-            raise ValueError("remote images are not downloaded; give a local path, bytes or a data URI")
-        elif isinstance(ref, str) and ref.startswith("file://"):
-            source = ref[len("file://"):]
-        elif isinstance(ref, str) and ref:
-            source = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
-        else:
-            raise ValueError(f"not an image reference: {type(ref).__name__}")
-        with Image.open(source) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        shown = ref if isinstance(ref, str) and len(ref) < 200 else type(ref).__name__
-        raise DataError(f"{where}: image {shown} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _char_weights(text: str, start: int, end: int, segment_weights: dict[str, float], where: str) -> list[float]:

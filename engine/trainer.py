@@ -30,7 +30,7 @@ import torch
 from engine import algorithms as A
 from engine import checkpoint, ledger
 from engine import sft as sft_stage
-from engine.config import Config, to_dict
+from engine.config import Config, absolute_paths, to_dict
 from engine.data import DataError, PromptBuilder, PromptStream
 from engine.evaluate import evaluate_prompts, flat_metrics, summarize
 from engine.learner import Sequence
@@ -58,6 +58,7 @@ class Trainer:
         self.cfg = cfg
         data = data or preflight(cfg)
         check_cluster(cfg, ray.cluster_resources())
+        absolute_paths(cfg)
         self.run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name)
         self.ledger_path = os.path.join(self.run_dir, checkpoint.LEDGER)
         resume, state = checkpoint.open_run(self.run_dir, to_dict(cfg), cfg.trainer.resume, cfg.trainer.steps,
@@ -66,7 +67,7 @@ class Trainer:
                               cfg.trainer.run_name)
         self.processor = AutoProcessor.from_pretrained(cfg.model.path)
         self.tokenizer = self.processor.tokenizer
-        self.builder = PromptBuilder(self.processor, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
+        self.builder = PromptBuilder.from_config(self.processor, cfg.data)
         self.stream = PromptStream(data.train, self.builder, cfg.data.bad_rows, cfg.trainer.seed, cfg.data.shuffle,
                                    cfg.algorithm.skip_solved_epochs, skipped=list(data.skipped))
         self.val_rows = data.val
@@ -310,14 +311,21 @@ class Trainer:
         if sft.steps <= 0:
             return
         rng = random.Random(self.cfg.trainer.seed)
-        rows = [r for r in self.stream.rows if r["options"]]
-        if not rows:
+        choice = []  # positions of the multiple-choice rows, not the rows: those may hold image bytes
+        for i in range(min(len(self.stream.rows), self.cfg.data.check_rows)):
+            try:
+                if self.stream.row_at(i)["options"]:
+                    choice.append(i)
+            except DataError:
+                continue
+        if not choice:
             raise ValueError("sft.steps > 0 needs multiple-choice rows (with options) in data.train")
         builder = ExampleBuilder(self.processor, "", sft.segment_weights, sft.max_length)
 
         def batch() -> list[Example]:
             out = []
-            for row in rng.sample(rows, min(sft.batch_size, len(rows))):
+            for i in rng.sample(choice, min(sft.batch_size, len(choice))):
+                row = self.stream.row_at(i)
                 for option in row["options"]:
                     response = sft.response_template.format(think=sft.think, answer=option)
                     fields = {"id": row["id"], "images": row["images"], "question": row["question"],

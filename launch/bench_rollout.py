@@ -1,12 +1,19 @@
 """Rollout throughput: raw `vllm.LLM.generate` against the pathorl rollout pool, side by side in one run.
 
-    python launch/bench_rollout.py                          # the demo's tiny model and prompts, 1 and 2 workers
+    python launch/bench_rollout.py                          # the demo's tiny model and prompts, one worker, 3 repeats
     python launch/bench_rollout.py --workers 1,2,4 --mem-bw 3350 --json out.json   # e.g. an H100 (GB/s)
 
 Same model, prompts (with their images), sampling parameters and engine arguments for both. Raw vLLM
 runs in a child process (its engine is gone before the pool starts); the pool runs its Ray actors with
 the cores split evenly between workers. Each side first generates a warm-up round (engine start-up,
 first multimodal batch), then the timed round: every prompt submitted at once, `--n` samples each.
+
+The configurations run `--repeats` times, interleaved (raw before Ray starts, raw while the Ray
+cluster is up, each pool size; then again), and the ratios are reported as median and range. Raw
+vLLM with the cluster up shares the cores with Ray's own processes exactly as the pool does, which
+separates what the pool's code costs from what running Ray beside it costs; each round also reports
+the CPU time every other process on the machine took (`others_cpu_frac`: CPU-seconds per wall
+second, the Ray daemons and the driver).
 
 Reported per configuration: tokens/s, prompts/s, the ratio to raw vLLM (goal >= 0.95 with one
 worker), scaling efficiency (tokens/s of k workers / (k x one worker's)), p50/p99 group latency
@@ -28,6 +35,8 @@ import statistics
 import sys
 import time
 
+import psutil
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8, help="samples per prompt (the group size)")
     p.add_argument("--max-tokens", type=int, default=48, help="max new tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--workers", default="1,2", help="comma-separated pool sizes to run")
+    p.add_argument("--workers", default="1", help="comma-separated pool sizes to run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every configuration")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU machines")
@@ -57,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--workers: expected comma-separated integers, got {args.workers!r}")
     if not args.workers or args.workers[0] < 1:
         p.error("--workers: pool sizes must be >= 1")
-    for name in ("prompts", "n", "max_tokens"):
+    for name in ("prompts", "n", "max_tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.mem_bw not in (None, "measure"):
@@ -126,11 +136,12 @@ def run_raw(args: argparse.Namespace, prompts: list[tuple[str, list]], threads: 
     requests = [{"prompt": text, "multi_modal_data": {"image": images[0]}} if images else {"prompt": text}
                 for text, images in prompts]
     llm.generate(requests[:4], params, use_tqdm=False)
+    others = OthersCPU([os.getpid()])
     t0 = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     wall = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"wall_s": wall, "tokens": tokens, "latencies_s": [wall] * len(outputs)}
+    return {"wall_s": wall, "tokens": tokens, "latencies_s": [wall] * len(outputs), "others_cpu_frac": others.frac(wall)}
 
 
 def run_pool(args: argparse.Namespace, prompts: list[tuple[str, list]], workers: int) -> dict:
@@ -159,10 +170,33 @@ def run_pool(args: argparse.Namespace, prompts: list[tuple[str, list]], workers:
             return time.perf_counter() - t0, tokens, latencies
 
         round_trip(prompts[: 4 * workers], "warmup")
+        others = OthersCPU([p.pid for p in psutil.process_iter(["cmdline"])
+                            if any("RolloutWorker" in c for c in p.info["cmdline"] or [])])
         wall, tokens, latencies = round_trip(prompts, "timed")
     finally:
         pool.shutdown()
-    return {"wall_s": wall, "tokens": tokens, "latencies_s": latencies}
+    return {"wall_s": wall, "tokens": tokens, "latencies_s": latencies, "others_cpu_frac": others.frac(wall)}
+
+
+class OthersCPU:
+    """CPU time taken by every process on the machine except `engines` (the measured vLLM process
+    or actors) from construction to `frac`: the machine's busy time less the engines' own."""
+
+    def __init__(self, engines: list[int]):
+        self.engines = [psutil.Process(pid) for pid in engines]
+        self.start = self._busy() - self._engines()
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq
+
+    def _engines(self) -> float:
+        return sum(p.cpu_times().user + p.cpu_times().system for p in self.engines)
+
+    def frac(self, wall: float) -> float:
+        """CPU-seconds of the other processes per wall second since construction."""
+        return (self._busy() - self._engines() - self.start) / wall
 
 
 def weight_bytes(model_path: str) -> int:
@@ -203,19 +237,12 @@ def measure_bandwidth() -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def summarise(name: str, run: dict, prompts: int, raw_tps: float | None, one_worker_tps: float | None,
-              workers: int | None) -> dict:
+def summarise(name: str, run: dict, prompts: int) -> dict:
     tps = run["tokens"] / run["wall_s"]
     lat = sorted(run["latencies_s"])
-    row = {"name": name, "workers": workers, "tokens": run["tokens"], "wall_s": run["wall_s"], "tokens_per_s": tps,
-           "prompts_per_s": prompts / run["wall_s"],
-           "p50_group_latency_s": statistics.median(lat),
-           "p99_group_latency_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]}
-    if raw_tps:
-        row["ratio_to_raw"] = tps / raw_tps
-    if one_worker_tps and workers:
-        row["scaling_efficiency"] = tps / (workers * one_worker_tps)
-    return row
+    return {"name": name, "tokens": run["tokens"], "wall_s": run["wall_s"], "tokens_per_s": tps,
+            "prompts_per_s": prompts / run["wall_s"], "p50_group_latency_s": statistics.median(lat),
+            "p99_group_latency_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -226,29 +253,53 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"bench_rollout: {args.prompts} prompts x n={args.n}, max_tokens={args.max_tokens}, "
           f"temperature={args.temperature}, model={args.model}, {cpus} CPUs", flush=True)
 
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-        raw = ex.submit(run_raw, args, prompts, cpus).result()
-    rows = [summarise("raw vllm.LLM.generate", raw, args.prompts, None, None, None)]
-    raw_tps = rows[0]["tokens_per_s"]
-
     import ray
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    one = None
-    try:
-        for k in args.workers:
-            row = summarise(f"pathorl pool, {k} worker{'s' if k > 1 else ''}", run_pool(args, prompts, k),
-                            args.prompts, raw_tps, one, k)
-            if k == 1:
-                one = row["tokens_per_s"]
-                row["scaling_efficiency"] = 1.0
-            rows.append(row)
-    finally:
-        ray.shutdown()
+    def raw_run() -> dict:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            return ex.submit(run_raw, args, prompts, cpus).result()
+
+    raw_name, raw_ray_name = "raw vllm.LLM.generate", "raw vllm.LLM.generate, Ray cluster up"
+    pool_names = {k: f"pathorl pool, {k} worker{'s' if k > 1 else ''}" for k in args.workers}
+    runs: dict[str, list[dict]] = {name: [] for name in (raw_name, raw_ray_name, *pool_names.values())}
+    for repeat in range(args.repeats):
+        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+        runs[raw_name].append(raw_run())
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            runs[raw_ray_name].append(raw_run())
+            for k, name in pool_names.items():
+                runs[name].append(run_pool(args, prompts, k))
+        finally:
+            ray.shutdown()
+
+    def tps(run: dict) -> float:
+        return run["tokens"] / run["wall_s"]
+
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    rows = []
+    for name, rs in runs.items():
+        median_run = sorted(rs, key=tps)[len(rs) // 2]
+        row = summarise(name, median_run, args.prompts)
+        row["tokens_per_s_repeats"] = [tps(r) for r in rs]
+        row["others_cpu_frac"] = statistics.median(r["others_cpu_frac"] for r in rs)
+        workers = next((k for k, n in pool_names.items() if n == name), None)
+        row["workers"] = workers
+        if name != raw_name:  # ratios per repeat: each against the raw runs of the same repeat
+            row["ratio_to_raw"] = spread([tps(r) / tps(raw) for r, raw in zip(rs, runs[raw_name])])
+        if workers:
+            row["ratio_to_raw_ray_up"] = spread([tps(r) / tps(raw) for r, raw in zip(rs, runs[raw_ray_name])])
+            row["scaling_efficiency"] = statistics.median(
+                tps(r) / (workers * tps(one)) for r, one in zip(rs, runs[pool_names[min(pool_names)]]))
+        rows.append(row)
 
     result = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "cpus": cpus, "rows": rows}
     if 1 in args.workers:
-        result["ratio_to_raw"] = next(r["ratio_to_raw"] for r in rows if r["workers"] == 1)
+        one_worker = next(r for r in rows if r["workers"] == 1)
+        result["ratio_to_raw"] = one_worker["ratio_to_raw"]["median"]
+        result["ratio_to_raw_ray_up"] = one_worker["ratio_to_raw_ray_up"]["median"]
     if args.mem_bw is not None:
         bw = measure_bandwidth() if args.mem_bw == "measure" else args.mem_bw
         wb = weight_bytes(args.model)
@@ -260,14 +311,20 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows:
             r["pct_of_roofline"] = 100.0 * r["tokens_per_s"] / ceiling
 
-    header = f"{'':32} {'tokens/s':>9} {'prompts/s':>9} {'ratio':>6} {'scaling':>7} {'p50 s':>7} {'p99 s':>7}"
+    header = (f"{'':40} {'tokens/s':>9} {'prompts/s':>9} {'ratio (min-max)':>20} {'vs Ray up':>20} {'scaling':>7} "
+              f"{'p50 s':>7} {'p99 s':>7} {'others':>6}")
     if args.mem_bw is not None:
         header += f" {'% roof':>7}"
     print(header)
+
+    def ratio(r: dict, key: str) -> str:
+        v = r.get(key)
+        return f"{v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})" if v else "1"
+
     for r in rows:
-        line = (f"{r['name']:32} {r['tokens_per_s']:9.1f} {r['prompts_per_s']:9.2f} "
-                f"{r.get('ratio_to_raw', 1.0):6.3f} {r.get('scaling_efficiency', float('nan')):7.2f} "
-                f"{r['p50_group_latency_s']:7.2f} {r['p99_group_latency_s']:7.2f}")
+        line = (f"{r['name']:40} {r['tokens_per_s']:9.1f} {r['prompts_per_s']:9.2f} {ratio(r, 'ratio_to_raw'):>20} "
+                f"{ratio(r, 'ratio_to_raw_ray_up'):>20} {r.get('scaling_efficiency', float('nan')):7.2f} "
+                f"{r['p50_group_latency_s']:7.2f} {r['p99_group_latency_s']:7.2f} {r['others_cpu_frac']:6.2f}")
         if args.mem_bw is not None:
             line += f" {r['pct_of_roofline']:7.3f}"
         print(line)

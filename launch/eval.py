@@ -38,7 +38,7 @@ def evaluate_model(cfg, model_path: str, rows: list[dict], n: int, temperature: 
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
-    builder = PromptBuilder(processor, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
+    builder = PromptBuilder.from_config(processor, cfg.data)
     stream = PromptStream(rows, builder, cfg.data.bad_rows, cfg.trainer.seed, shuffle=False)
     prompts = []
     for row in rows:
@@ -81,7 +81,8 @@ def _named(spec: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="[name=]Hugging Face folder (repeatable)")
-    parser.add_argument("--data", required=True, help="validation rows (jsonl, the engine's schema)")
+    parser.add_argument("--data", required=True, help="validation rows (any form data.val takes: jsonl, parquet, "
+                        "a save_to_disk folder; our, verl's or EasyR1's schema)")
     parser.add_argument("--config", help="RL config for system prompt, rewards and engine settings")
     parser.add_argument("--rewards", action="append", default=[], help="name=fn[:weight] (repeatable; replaces the config's)")
     parser.add_argument("--n", type=int, default=8, help="sampled responses per row besides the greedy one")

@@ -9,7 +9,9 @@ RewardSpec's kwargs; the first matching rule decides the style.
 - verl_batch: a parameter `solution_strs`. fn(data_sources=, solution_strs=, ground_truths=,
   extra_infos=, **kw) -> list of float or {"score": float, ...}.
 - verl: a parameter `solution_str`. fn(data_source=, solution_str=, ground_truth=, extra_info=, **kw)
-  -> float or {"score": float, ...}. extra_info is the dataset row (`s.extra`).
+  -> float or {"score": float, ...}. extra_info is the row's `extra_info` column when it has one
+  (verl's schema: what verl's reward managers pass, e.g. verl/workers/reward_manager/naive.py), else
+  the whole dataset row (`s.extra`).
 - openrlhf: a parameter `queries`. fn(queries=, prompts=, labels=, **kw) -> list/tensor of rewards,
   or {"rewards": ..., "scores": ..., "extra_logs": {...}}. queries are `s.prompt + s.response` (the
   prompt text without chat template, then the response), prompts `s.prompt`, labels
@@ -78,6 +80,10 @@ def detect_style(fn: Callable[..., Any], module: Any, reference: str) -> str:
         "TRL f(prompts, completions, completion_ids, **kw)")
 
 
+def _extra_info(s: RewardInput) -> Any:
+    return s.extra["extra_info"] if "extra_info" in s.extra else s.extra
+
+
 def _easyr1_input(s: RewardInput) -> dict[str, Any]:
     return {"response": s.response, "response_length": s.response_length, "ground_truth": s.ground_truth}
 
@@ -90,14 +96,15 @@ def invoke(style: str, fn: Callable[..., Any], samples: list[RewardInput], kwarg
         return fn(s, **kwargs)
     if style == "verl":
         return fn(data_source=s.data_source, solution_str=s.response, ground_truth=s.ground_truth,
-                  extra_info=s.extra, **kwargs)
+                  extra_info=_extra_info(s), **kwargs)
     if style == "easyr1_sequential":
         return fn(_easyr1_input(s), **kwargs)
     if style == "native_batch":
         return fn(list(samples), **kwargs)
     if style == "verl_batch":
         return fn(data_sources=[x.data_source for x in samples], solution_strs=[x.response for x in samples],
-                  ground_truths=[x.ground_truth for x in samples], extra_infos=[x.extra for x in samples], **kwargs)
+                  ground_truths=[x.ground_truth for x in samples], extra_infos=[_extra_info(x) for x in samples],
+                  **kwargs)
     if style == "easyr1_batch":
         return fn([_easyr1_input(x) for x in samples], **kwargs)
     if style == "openrlhf":

@@ -15,12 +15,13 @@ def reserve(bundles: list[dict[str, float]], what: str, timeout_s: float, strate
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise RuntimeError(f"{what}: Ray could not reserve {len(bundles)} bundle(s) of {_fmt(bundles[0])} within "
-                           f"{timeout_s:g} s; free now: {_fmt(ray.available_resources())}, cluster total: "
-                           f"{_fmt(ray.cluster_resources())}")
+        custom = [k for k in bundles[0] if k not in ("CPU", "GPU")]
+        raise RuntimeError(f"{what}: Ray could not reserve {len(bundles)} bundle(s) of {_fmt(bundles[0], custom)} "
+                           f"within {timeout_s:g} s; free now: {_fmt(ray.available_resources(), custom)}, cluster "
+                           f"total: {_fmt(ray.cluster_resources(), custom)}")
     return pg
 
 
-def _fmt(resources: dict[str, Any]) -> str:
-    """CPUs and GPUs (Ray leaves out a resource none of which is free)."""
-    return "{" + ", ".join(f"{k}: {resources.get(k, 0):g}" for k in ("CPU", "GPU")) + "}"
+def _fmt(resources: dict[str, Any], keys: list[str] | None = None) -> str:
+    """CPUs, GPUs and the custom resources asked for (Ray leaves out a resource none of which is free)."""
+    return "{" + ", ".join(f"{k}: {resources.get(k, 0):g}" for k in ["CPU", "GPU", *(keys or [])]) + "}"

@@ -41,13 +41,13 @@ class RolloutPool:
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, tensor_parallel_size: int = 1,
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0, env_vars: dict | None = None,
                  weight_transport: str = "object_store", bucket_mb: float = 256.0, max_images_per_prompt: int = 1,
-                 placement_timeout_s: float = 300.0):
+                 placement_timeout_s: float = 300.0, resources: dict[str, float] | None = None):
         if weight_transport not in TRANSPORTS:
             raise ValueError(f"weight transport must be one of {TRANSPORTS}, got {weight_transport!r}")
         self.num_workers = num_workers
         self.transport = weight_transport
         self.bucket_mb = bucket_mb
-        bundle = {"CPU": num_cpus_per_worker}
+        bundle = {"CPU": num_cpus_per_worker, **(resources or {})}
         if num_gpus_per_worker:
             bundle["GPU"] = num_gpus_per_worker * tensor_parallel_size
         self._pg = reserve([bundle] * num_workers, "rollout workers", placement_timeout_s)

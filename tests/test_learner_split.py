@@ -1,6 +1,7 @@
 """The update must not depend on how a step is split: one step of 8 sequences as 1 micro-batch of 8,
-as 4 micro-batches of 2, and on 2 data-parallel ranks (two gloo processes under DeepSpeed ZeRO-2)
-in token-budget micro-batches (learner.max_tokens_per_micro_batch) must give the same parameters. This is the bug verl #5625 / OpenRLHF #1249 describe: a loss
+as 4 micro-batches of 2, on 2 data-parallel ranks (two gloo processes under DeepSpeed ZeRO-2) in
+token-budget micro-batches (learner.max_tokens_per_micro_batch), and with or without the shared
+prompt prefix (learner.shared_prefix) must give the same parameters. This is the bug verl #5625 / OpenRLHF #1249 describe: a loss
 normalised per micro-batch or per rank changes the gradient with the split."""
 
 import pytest
@@ -14,10 +15,10 @@ from engine.learner import Sequence
 from engine.learner_group import LearnerGroup, split_across_ranks, split_mini_batches
 
 
-def _step(tiny_model, demo_data, loss_agg, ranks, micro, max_tokens=0):
+def _step(tiny_model, demo_data, loss_agg, ranks, micro, max_tokens=0, shared=True):
     cfg = load_config("launch/configs/demo.yaml", [
         f"model.path={tiny_model}", f"learner.num_ranks={ranks}", f"learner.micro_batch_size={micro}",
-        f"learner.max_tokens_per_micro_batch={max_tokens}",
+        f"learner.max_tokens_per_micro_batch={max_tokens}", f"learner.shared_prefix={shared}",
         "learner.lr=1e-3", "learner.torch_threads=1", f"algorithm.loss_agg={loss_agg}", "algorithm.kl_loss_coef=0",
         "rollout.max_new_tokens=12", "rollout.temperature=1.0"])
     processor = AutoProcessor.from_pretrained(tiny_model)
@@ -46,10 +47,12 @@ def _step(tiny_model, demo_data, loss_agg, ranks, micro, max_tokens=0):
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
 def test_same_parameters_whatever_the_split(ray_session, tiny_model, demo_data, loss_agg):
     base, base_stats = _step(tiny_model, demo_data, loss_agg, ranks=1, micro=8)
-    # 1 rank x micro-batches of 2; 2 ranks x token-budget micro-batches (sequences of ~170 tokens:
-    # two per micro-batch of at most 400 padded tokens)
-    for ranks, micro, max_tokens in [(1, 2, 0), (2, 8, 400)]:
-        weights, stats = _step(tiny_model, demo_data, loss_agg, ranks, micro, max_tokens)
+    # Shared-prefix passes (the default) against: 1 rank x micro-batches of 2 (each group cut in two);
+    # 2 ranks x token-budget micro-batches (a 144-token prompt and its responses in packed rows of at
+    # most 160 tokens: one rank's group is cut in two, the other rank runs an empty micro-batch); and unshared passes, in token-budget micro-batches (sequences of
+    # ~170 tokens: two per micro-batch of at most 400 padded tokens).
+    for ranks, micro, max_tokens, shared in [(1, 2, 0, True), (2, 8, 160, True), (1, 8, 400, False)]:
+        weights, stats = _step(tiny_model, demo_data, loss_agg, ranks, micro, max_tokens, shared)
         # Adam's first step is ~lr * sign(g): the few parameters whose gradient is near Adam's eps
         # (1e-8) move by a fraction of lr that float summation order shifts (up to ~1e-5 seen); a loss
         # normalised per micro-batch or per rank instead moves most parameters by ~lr (1e-3).

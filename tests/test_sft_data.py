@@ -161,7 +161,7 @@ def test_segment_weights_per_span(processor, demo_data):
     ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "long " * 300}]}, {},
      "longer than sft.max_length=64"),
     ({"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
-      "images": [{"bytes": b"not a png", "path": None}]}, {}, "cannot be read"),
+      "images": [{"bytes": b"not a png", "path": None}]}, {}, "cannot be decoded"),
     ({"question": "Q", "answer": "A"}, {}, "no known format"),
     ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, {}, "both be strings or both be message"),
     ({"caption": "x", "image": "https://example.org/a.png"}, {}, "remote images are not downloaded"),
@@ -185,8 +185,11 @@ def test_bad_rows_skipped_with_file_and_line_or_fatal(tmp_path):
 
 
 def test_token_budget_packing():
-    assert pack_by_tokens([3, 3, 4, 4, 9], 12) == [3, 1, 1]       # 3x4=12 fits, then 4+9 → 2x9 > 12
-    assert pack_by_tokens([20, 2], 10) == [1, 1]                   # longer than the budget: alone, not dropped
+    def alone(lengths):  # one row per sequence: (own key, prompt 1, the rest response)
+        return [(i, 1, n - 1) for i, n in enumerate(lengths)]
+
+    assert pack_by_tokens(alone([3, 3, 4, 4, 9]), 12) == [3, 1, 1]  # 3x4=12 fits, then 4+9 → 2x9 > 12
+    assert pack_by_tokens(alone([20, 2]), 10) == [1, 1]             # longer than the budget: alone, not dropped
     seqs = [Sequence(prompt_ids=[1] * p, response_ids=[2] * r, loss_weights=[0.5] * r)
             for p, r in [(5, 1), (5, 7), (2, 2), (9, 9), (1, 1)]]
     shards = make_shards(seqs, [], world_size=2, micro_batch_size=8, max_tokens=20)

@@ -112,6 +112,11 @@ def test_cluster_check_counts_every_actor():
     gpu = load_config("launch/configs/patho_r1_grpo.yaml")
     with pytest.raises(ConfigError, match=r"8 GPU .*but the Ray cluster has 4"):
         check_cluster(gpu, {"CPU": 64.0, "GPU": 4.0})
+    pinned = load_config("launch/configs/demo.yaml", ["rollout.resources={rollout_node: 0.5}"])
+    check_cluster(pinned, {"CPU": 2.0, "rollout_node": 1.0})
+    with pytest.raises(ConfigError, match=r"0.5 rollout_node \(rollout.num_workers x rollout.resources = 0.5\) "
+                                          r"but the Ray cluster has 0"):
+        check_cluster(pinned, {"CPU": 2.0})
 
 
 def test_a_placement_the_cluster_cannot_grant_ends_in_bounded_time():
