@@ -531,6 +531,7 @@ def _range_problems(cfg: Config) -> list[str]:
         "sft.val_max_rows": (cfg.sft.val_max_rows, 1), "sft.save_every": (cfg.sft.save_every, 0),
         "learner.warmup_steps": (cfg.learner.warmup_steps, 0),
         "learner.max_tokens_per_micro_batch": (cfg.learner.max_tokens_per_micro_batch, 0),
+        "data.check_rows": (cfg.data.check_rows, 0),
         "rollout.num_workers": (cfg.rollout.num_workers, 1), "rollout.group_size": (cfg.rollout.group_size, 1),
         "rollout.prompts_per_step": (cfg.rollout.prompts_per_step, 1),
         "rollout.max_new_tokens": (cfg.rollout.max_new_tokens, 1), "rollout.cpu_threads": (cfg.rollout.cpu_threads, 0),
@@ -558,6 +559,12 @@ def _range_problems(cfg: Config) -> list[str]:
     for tag, weight in cfg.sft.segment_weights.items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
             problems.append(f"sft.segment_weights.{tag} must be a number >= 0, got {weight!r}")
+    for section, resources in (("rollout", cfg.rollout.resources), ("learner", cfg.learner.resources)):
+        for name, amount in resources.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 < amount < math.inf:
+                problems.append(f"{section}.resources.{name} must be a number > 0, got {amount!r}")
+            if name in ("CPU", "GPU", "memory"):
+                problems.append(f"{section}.resources.{name}: CPUs and GPUs are set by their own fields")
     from engine.loggers import LOGGERS
 
     unknown = [name for name in cfg.trainer.loggers if name not in LOGGERS]

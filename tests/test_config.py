@@ -47,6 +47,9 @@ def test_bad_keys_and_types_name_the_field(override, message):
     (["rollout.prompts_per_step=6", "learner.mini_batches=4"], ["learner.mini_batches"]),
     (["model.reference=false", "algorithm.kl_loss_coef=0.01"], ["model.reference", "algorithm.kl_loss_coef"]),
     (["reward.functions=[{name: semantic, fn: judge_vllm}]"], ["reward.judge_model"]),
+    (["learner.resources={learner_node: fast}", "rollout.resources={GPU: 1}"],
+     ["learner.resources.learner_node", "rollout.resources.GPU"]),
+    (["data.check_rows=-1"], ["data.check_rows"]),
 ])
 def test_impossible_combinations_fail_at_start(overrides, fields):
     with pytest.raises(ConfigError) as err:
