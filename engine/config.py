@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,6 +129,15 @@ class RolloutConfig:
     stream (a resumed run trains correctly but on different samples). Off by default: with it on the
     demo reached its goal in 0 of 3 runs against 2 of 2 with it off, although the seeded samples'
     statistics agree with unseeded ones (BENCHMARKS.md); the cause is not understood."""
+    max_staleness: int = 0
+    """One-step-off asynchronous rollouts (verl's one_step_off_policy recipe). 0: rollout and learning
+    take turns. 1: as soon as a step's groups are in, the next step's prompts start generating on the
+    same weights, overlapping the learner's passes and update; the engines take the new weights once
+    those groups are done, so every group comes from one policy and is trained at most one update
+    after it. Such a group's π_old is the learner's policy at its update, and the gap to the policy
+    that generated it is corrected by truncated importance sampling with the engine's log-probs
+    (decoupled PPO), so 1 needs algorithm.tis_cap. Give engines and learner their own cores
+    (rollout.cpu_threads, learner.torch_threads): here they run at the same time."""
     kv_cache_gib: float = 1.0
     """CPU only: KV-cache size per engine (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.5
@@ -441,6 +451,11 @@ class Config:
                             f"= {r.max_new_tokens})")
         if a.tis_cap is not None and a.tis_cap < 1.0:
             problems.append(f"algorithm.tis_cap ({a.tis_cap}) must be >= 1 or null")
+        if r.max_staleness not in (0, 1):
+            problems.append(f"rollout.max_staleness must be 0 (synchronous) or 1 (one-step-off), got {r.max_staleness}")
+        elif r.max_staleness == 1 and a.tis_cap is None:
+            problems.append("rollout.max_staleness=1 trains groups generated one update earlier: set algorithm.tis_cap "
+                            "(e.g. 2.0, verl's rollout_is_threshold) to correct for the policy that generated them")
         if a.dynamic_sampling and a.filter_metric not in {f.name for f in self.reward.functions}:
             problems.append(f"algorithm.filter_metric={a.filter_metric!r} is not a reward component "
                             f"(reward.functions names: {[f.name for f in self.reward.functions]})")
@@ -651,13 +666,29 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (true/false only): under PyYAML's YAML 1.1 rules `resume: off`
+    or `trainer.resume=off` would reach a string field as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load_yaml(text: Any) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """A config file's tree, merged over the file named by its `base:` key (a path relative to it)."""
     real = os.path.realpath(path)
     if real in chain:
         raise ConfigError(f"{path}: `base:` chain loops back to itself")
     with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+        tree = _load_yaml(f) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = tree.pop("base", None)
@@ -684,7 +715,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected section.field=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _load_yaml(raw))
     cfg = _build(Config, tree, "")
     if not cfg.trainer.run_name:
         cfg.trainer.run_name = os.path.splitext(os.path.basename(path))[0] if path else "default"

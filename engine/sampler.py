@@ -6,6 +6,10 @@ length-shaped score) has zero variance is dropped, and new prompts are submitted
 up (streaming refill, no whole-batch regeneration); qualified groups beyond the step's need carry
 over to the next step. After `max_sampling_rounds × prompts_per_step` prompts the step trains on
 what qualified and warns — it never aborts silently and never trains on a zero-variance group.
+
+With rollout.max_staleness=1 (one-step-off) `prefetch` submits the next step's prompts as soon as a
+step's sampling is done, and `finish_prefetch` waits for them before the engines take the new
+weights; the next `sample` scores and files them first.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class SamplingStats:
     groups_kept: int = 0
     groups_dropped: int = 0
     groups_carried: int = 0
+    groups_expired: int = 0
     cap_hits: int = 0
 
 
@@ -80,6 +85,11 @@ class StepRollout:
     """Groups whose generation failed (logged with their error)."""
     carried: list[ScoredGroup] = field(default_factory=list)
     """Qualified groups scored this step and kept for a later one."""
+    expired: list[ScoredGroup] = field(default_factory=list)
+    """Groups carried from an earlier step and dropped now, since with rollout.max_staleness=1 no
+    group is trained more than one update after its policy."""
+    prefetched: int = 0
+    """Groups generated during the previous step's update (rollout.max_staleness=1)."""
     reward_errors: int = 0
 
 
@@ -110,6 +120,10 @@ class GroupSampler:
         self.cfg, self.pool, self.stream, self.rewards, self.tokenizer = cfg, pool, stream, rewards, tokenizer
         self.stats = SamplingStats()
         self.carry: list[ScoredGroup] = []
+        self._ahead: dict[str, Prompt] = {}
+        """rollout.max_staleness=1: the next step's groups submitted by `prefetch` (request uid -> prompt)."""
+        self._ahead_results: list[GroupResult] = []
+        self._ahead_step = 0
         self._uid = 0
         self._step = 0
 
@@ -127,8 +141,10 @@ class GroupSampler:
             for u, p in by_uid.items()])
         return by_uid
 
-    def score(self, results: list[GroupResult], inflight: dict[str, Prompt], out: StepRollout) -> list[ScoredGroup]:
-        """Rewards for finished groups; groups whose generation failed are reported and skipped."""
+    def score(self, results: list[GroupResult], inflight: dict[str, Prompt], out: StepRollout,
+              step: int | None = None) -> list[ScoredGroup]:
+        """Rewards for finished groups, stamped with the step whose weights generated them (None: the
+        step being sampled); groups whose generation failed are reported and skipped."""
         groups, inputs = [], []
         for res in results:
             prompt = inflight.pop(res.uid)
@@ -147,7 +163,7 @@ class GroupSampler:
             for s, text in zip(res.samples, texts):
                 inputs.append(RewardInput.from_row(len(inputs), row, text, s.token_ids,
                                                    truncated=s.finish_reason == "length"))
-            groups.append(ScoredGroup(prompt, res, texts, [], {}, step=self._step))
+            groups.append(ScoredGroup(prompt, res, texts, [], {}, step=self._step if step is None else step))
         if not inputs:
             return []
         batch = self.rewards.score(inputs)
@@ -183,7 +199,13 @@ class GroupSampler:
         out.groups, self.carry = self.carry[:need], self.carry[need:]
         budget = need * (cfg.algorithm.max_sampling_rounds if dynamic else 1)
         inflight: dict[str, Prompt] = {}
-        submitted = 0
+        submitted = out.prefetched = len(self._ahead)
+        if self._ahead:
+            ahead, results, self._ahead, self._ahead_results = self._ahead, self._ahead_results, {}, []
+            with timer("reward"):
+                groups = self.score(results, ahead, out, self._ahead_step)
+            with timer("filter"):
+                self._file(groups, out, need)
         while len(out.groups) < need:
             # Expected qualified groups among those in flight, from the run's keep rate so far.
             keep_rate = (st.groups_kept + 1) / (st.groups_finished + 2) if dynamic else 1.0
@@ -204,34 +226,70 @@ class GroupSampler:
             self._collect(timer, inflight, out, need)
         while inflight:  # groups already generating finish under the current weights and carry over
             self._collect(timer, inflight, out, need)
+        if cfg.rollout.max_staleness:
+            self._expire(out)
         for g in out.seen:  # every scored group: the all-right and all-wrong ones are those to skip
             accuracy = g.components.get(cfg.algorithm.filter_metric, [])
             self.stream.record_pass_rate(g.prompt.uid, [a for a in accuracy if a is not None])
         return out
 
     def _collect(self, timer: PhaseTimer, inflight: dict[str, Prompt], out: StepRollout, need: int) -> None:
-        st = self.stats
         with timer("rollout"):
             results = self.pool.results()
         with timer("reward"):
             groups = self.score(results, inflight, out)
         with timer("filter"):
-            for g in groups:
-                out.seen.append(g)
-                st.groups_finished += 1
-                st.tokens_generated += g.response_tokens
-                if self.qualifies(g):
-                    st.groups_kept += 1
-                    st.tokens_qualified += g.response_tokens
-                    if len(out.groups) < need:
-                        out.groups.append(g)
-                    else:
-                        self.carry.append(g)
-                        out.carried.append(g)
-                        st.groups_carried += 1
+            self._file(groups, out, need)
+
+    def _file(self, groups: list[ScoredGroup], out: StepRollout, need: int) -> None:
+        """Each scored group is trained this step, carried over, or dropped."""
+        st = self.stats
+        for g in groups:
+            out.seen.append(g)
+            st.groups_finished += 1
+            st.tokens_generated += g.response_tokens
+            if self.qualifies(g):
+                st.groups_kept += 1
+                st.tokens_qualified += g.response_tokens
+                if len(out.groups) < need:
+                    out.groups.append(g)
                 else:
-                    st.groups_dropped += 1
-                    st.tokens_dropped += g.response_tokens
+                    self.carry.append(g)
+                    out.carried.append(g)
+                    st.groups_carried += 1
+            else:
+                st.groups_dropped += 1
+                st.tokens_dropped += g.response_tokens
+
+    def _expire(self, out: StepRollout) -> None:
+        """rollout.max_staleness=1: drops carried groups generated before this step, which the next
+        step would train two updates after their policy (only when more groups carry than a step
+        trains: `prefetch` leaves room for the carried ones)."""
+        stale = {id(g) for g in self.carry if g.step < self._step}
+        if not stale:
+            return
+        seen = {id(g) for g in out.seen}
+        out.expired = [g for g in self.carry if id(g) in stale and id(g) not in seen]
+        out.carried = [g for g in out.carried if id(g) not in stale]
+        self.carry = [g for g in self.carry if id(g) not in stale]
+        self.stats.groups_expired += len(stale)
+        log.warning("sampling: %d carried groups dropped: with rollout.max_staleness=1 they would train two updates "
+                    "after the policy that generated them", len(stale))
+
+    def prefetch(self) -> None:
+        """rollout.max_staleness=1, once the step's sampling is done: submits the next step's prompts
+        (as many as its carried groups leave to fill) so that the engines generate them on the
+        current weights while the learner trains."""
+        want = self.cfg.rollout.prompts_per_step - len(self.carry)
+        if want > 0:
+            self._ahead = self.submit(self.stream.take(want), self.cfg.rollout.group_size)
+            self._ahead_step = self._step
+
+    def finish_prefetch(self) -> None:
+        """Waits until the prefetched groups are generated: an engine takes new weights only between
+        groups, so each group comes from one policy."""
+        while self.pool.outstanding:
+            self._ahead_results += self.pool.results()
 
     def generate(self, prompts: list[Prompt], n: int, sampling: dict | None = None) -> StepRollout:
         """Generates and scores `prompts` outside the training stream (evaluation)."""
@@ -247,25 +305,36 @@ class GroupSampler:
                   "texts": g.texts, "scores": g.scores, "components": g.components, "step": g.step,
                   "old_logprobs": g.old_logprobs}
                  for g in self.carry]
-        return {"stats": dataclasses.asdict(self.stats), "uid": self._uid, "carry": carry}
+        if len(self._ahead_results) != len(self._ahead):
+            raise RuntimeError("sampler state taken while prefetched groups are generating (call finish_prefetch)")
+        ahead = [{"uid": self._ahead[r.uid].uid, "index": self._ahead[r.uid].index,
+                  "epoch": self._ahead[r.uid].epoch, "result": to_record(r)} for r in self._ahead_results]
+        return {"stats": dataclasses.asdict(self.stats), "uid": self._uid, "carry": carry, "ahead": ahead,
+                "ahead_step": self._ahead_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stats = SamplingStats(**state["stats"])
         self._uid = state["uid"]
-        self.carry = []
-        for c in state["carry"]:
-            if "index" not in c:
-                raise ValueError(f"the checkpoint carries a group of row {c['uid']!r} without its row position "
-                                 "(written before rows were read lazily, 2026-12-01): resume it with the pathorl "
-                                 "version that wrote it, or start afresh with trainer.resume=off")
-            row = self.stream.row_at(c["index"])
-            if row["id"] != c["uid"]:
-                raise ValueError(f"the checkpoint carries a group of row {c['uid']!r}, but data.train's row "
-                                 f"{c['index']} is {row['id']!r}: the training data changed")
-            prompt = self.stream.builder.build(row)
-            prompt.epoch, prompt.index = c["epoch"], c["index"]
-            self.carry.append(ScoredGroup(prompt, from_record(c["result"]), c["texts"], c["scores"], c["components"],
-                                          step=c["step"], old_logprobs=c["old_logprobs"]))
+        self.carry = [ScoredGroup(self._prompt_of(c), from_record(c["result"]), c["texts"], c["scores"],
+                                  c["components"], step=c["step"], old_logprobs=c["old_logprobs"])
+                      for c in state["carry"]]
+        self._ahead_results = [from_record(c["result"]) for c in state.get("ahead", [])]
+        self._ahead = {r.uid: self._prompt_of(c) for r, c in zip(self._ahead_results, state.get("ahead", []))}
+        self._ahead_step = state.get("ahead_step", 0)
+
+    def _prompt_of(self, c: dict[str, Any]) -> Prompt:
+        """The prompt of a checkpointed group, rebuilt from its row position and checked by row id."""
+        if "index" not in c:
+            raise ValueError(f"the checkpoint carries a group of row {c['uid']!r} without its row position "
+                             "(written before rows were read lazily, 2026-12-01): resume it with the pathorl "
+                             "version that wrote it, or start afresh with trainer.resume=off")
+        row = self.stream.row_at(c["index"])
+        if row["id"] != c["uid"]:
+            raise ValueError(f"the checkpoint carries a group of row {c['uid']!r}, but data.train's row "
+                             f"{c['index']} is {row['id']!r}: the training data changed")
+        prompt = self.stream.builder.build(row)
+        prompt.epoch, prompt.index = c["epoch"], c["index"]
+        return prompt
 
     def metrics(self) -> dict[str, float]:
         st = self.stats
@@ -274,6 +343,7 @@ class GroupSampler:
             "dapo/filtered_frac": st.tokens_dropped / max(st.tokens_generated, 1),
             "dapo/groups_dropped": float(st.groups_dropped),
             "dapo/groups_carried": float(st.groups_carried),
+            "dapo/groups_expired": float(st.groups_expired),
             "dapo/cap_hits": float(st.cap_hits),
             "data/skipped_solved": float(self.stream.skipped_solved),
         }

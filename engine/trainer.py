@@ -1,12 +1,13 @@
 """The driver loop. One RL step, top to bottom:
 
     rollout → reward → filter      streamed: groups are scored and filtered as each completes, and
-                                   freed capacity is refilled with new prompts (dynamic sampling)
+                                   freed capacity is refilled with new prompts (dynamic sampling);
+                                   one-step-off: the next step's prompts start generating here
     old/ref log-probs              learner passes, only when some KL or several updates need them,
                                    and π_old of groups that carry over to a later step
     advantages                     pure functions of the group rewards (engine/algorithms.py)
     update                         DeepSpeed learner ranks
-    weight sync                    learner → every vLLM engine
+    weight sync                    learner → every vLLM engine (after the prefetched groups are done)
     eval / checkpoint              when due (full training state: engine/checkpoint.py)
 
 Each phase is timed (`timing/<phase>`), the step's metrics are appended to
@@ -189,6 +190,9 @@ class Trainer:
             timer = PhaseTimer()
             t_step = time.perf_counter()
             rollout = self.sampler.sample(timer, step)
+            if cfg.rollout.max_staleness and step < cfg.trainer.steps:
+                with timer("data"):
+                    self.sampler.prefetch()  # generates on these weights while this step trains
             if self.rollout_log:
                 with timer("log"):
                     self.rollout_log.write(step, self._records(step, rollout))
@@ -223,6 +227,9 @@ class Trainer:
                             len(train), self.learners.world_size)
             passed_over, self.stream.passed_over = self.stream.passed_over, []
             ledger.append(self.ledger_path, ledger.step_entries(step, rollout, passed_over, trained=bool(mini_batches)))
+            if cfg.rollout.max_staleness:
+                with timer("prefetch_wait"):
+                    self.sampler.finish_prefetch()
             with timer("weight_sync"):
                 self.sync_weights()
             record = {"stage": "rl", "step": step, **self._rollout_metrics(rollout), **adv_stats, **stats,
@@ -295,6 +302,8 @@ class Trainer:
         for name in self.cfg.reward.functions:
             values = [v for g in rollout.seen for v in g.components.get(name.name, []) if v is not None]
             out[f"reward/{name.name}"] = mean(values)
+        if self.cfg.rollout.max_staleness:
+            out["async/prefetched_groups"] = float(rollout.prefetched)
         if self.cfg.algorithm.dynamic_sampling:
             out.update(self.sampler.metrics())
             out["dapo/train_groups"] = float(len(rollout.groups))

@@ -15,8 +15,13 @@ separates what the pool's code costs from what running Ray beside it costs; each
 the CPU time every other process on the machine took (`others_cpu_frac`: CPU-seconds per wall
 second, the Ray daemons and the driver).
 
+Every sample runs to `--max-tokens` (EOS ignored) unless `--variable-length`: both sides then do the
+same work, where random response lengths would change a round's cost from round to round.
+
 Reported per configuration: tokens/s, prompts/s, the ratio to raw vLLM (goal >= 0.95 with one
-worker), scaling efficiency (tokens/s of k workers / (k x one worker's)), p50/p99 group latency
+worker), the share of the wall time spent outside the engine's steps (`outside`: submission,
+results, the driver; raw vLLM's generate loop likewise) and the engine's own speed (`eng tok/s`:
+tokens per second of stepping, which the code around the engine cannot change), scaling efficiency (tokens/s of k workers / (k x one worker's)), p50/p99 group latency
 (submission to the group's completion, as the driver sees it; raw generate returns all groups at
 the end). With `--mem-bw` (GB/s; "measure" times a large memory copy here) the decode roofline:
 a decode step must read every weight once, so a step takes at least weight_bytes / bandwidth and
@@ -52,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8, help="samples per prompt (the group size)")
     p.add_argument("--max-tokens", type=int, default=48, help="max new tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--variable-length", action="store_true",
+                   help="stop samples at EOS (default: every sample runs to --max-tokens, so both sides do the "
+                        "same work; with random lengths a round's cost varies with them)")
     p.add_argument("--workers", default="1", help="comma-separated pool sizes to run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every configuration")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -120,7 +128,7 @@ def engine_config(args: argparse.Namespace) -> dict:
 
 
 def sampling(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens)
+    return dict(temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens, ignore_eos=not args.variable_length)
 
 
 def run_raw(args: argparse.Namespace, prompts: list[tuple[str, list]], threads: int) -> dict:
@@ -136,15 +144,29 @@ def run_raw(args: argparse.Namespace, prompts: list[tuple[str, list]], threads: 
     requests = [{"prompt": text, "multi_modal_data": {"image": images[0]}} if images else {"prompt": text}
                 for text, images in prompts]
     llm.generate(requests[:4], params, use_tqdm=False)
+    busy = [0.0]
+    step = llm.llm_engine.step
+
+    def timed_step():  # the engine's own time, as the pool's worker counts it (RolloutWorker.stats)
+        t = time.perf_counter()
+        try:
+            return step()
+        finally:
+            busy[0] += time.perf_counter() - t
+
+    llm.llm_engine.step = timed_step
     others = OthersCPU([os.getpid()])
     t0 = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     wall = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"wall_s": wall, "tokens": tokens, "latencies_s": [wall] * len(outputs), "others_cpu_frac": others.frac(wall)}
+    return {"wall_s": wall, "tokens": tokens, "latencies_s": [wall] * len(outputs), "others_cpu_frac": others.frac(wall),
+            "engine_busy_s": busy[0]}
 
 
 def run_pool(args: argparse.Namespace, prompts: list[tuple[str, list]], workers: int) -> dict:
+    import ray
+
     from rollout.pool import RolloutPool
     from rollout.records import GroupRequest
 
@@ -172,10 +194,13 @@ def run_pool(args: argparse.Namespace, prompts: list[tuple[str, list]], workers:
         round_trip(prompts[: 4 * workers], "warmup")
         others = OthersCPU([p.pid for p in psutil.process_iter(["cmdline"])
                             if any("RolloutWorker" in c for c in p.info["cmdline"] or [])])
+        busy_before = sum(s["busy_s"] for s in ray.get([w.stats.remote() for w in pool.workers]))
         wall, tokens, latencies = round_trip(prompts, "timed")
+        busy = sum(s["busy_s"] for s in ray.get([w.stats.remote() for w in pool.workers])) - busy_before
     finally:
         pool.shutdown()
-    return {"wall_s": wall, "tokens": tokens, "latencies_s": latencies, "others_cpu_frac": others.frac(wall)}
+    return {"wall_s": wall, "tokens": tokens, "latencies_s": latencies, "others_cpu_frac": others.frac(wall),
+            "engine_busy_s": busy / workers}
 
 
 class OthersCPU:
@@ -285,6 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = summarise(name, median_run, args.prompts)
         row["tokens_per_s_repeats"] = [tps(r) for r in rs]
         row["others_cpu_frac"] = statistics.median(r["others_cpu_frac"] for r in rs)
+        # Wall time outside the engine's steps (submission, results, the driver), and the engine's own
+        # speed: tokens per second of stepping (per worker's share), which the code around it cannot change.
+        row["outside_engine_frac"] = statistics.median(1 - r["engine_busy_s"] / r["wall_s"] for r in rs)
+        row["engine_tokens_per_busy_s"] = statistics.median(r["tokens"] / r["engine_busy_s"] for r in rs)
         workers = next((k for k, n in pool_names.items() if n == name), None)
         row["workers"] = workers
         if name != raw_name:  # ratios per repeat: each against the raw runs of the same repeat
@@ -312,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["pct_of_roofline"] = 100.0 * r["tokens_per_s"] / ceiling
 
     header = (f"{'':40} {'tokens/s':>9} {'prompts/s':>9} {'ratio (min-max)':>20} {'vs Ray up':>20} {'scaling':>7} "
-              f"{'p50 s':>7} {'p99 s':>7} {'others':>6}")
+              f"{'p50 s':>7} {'p99 s':>7} {'others':>6} {'outside':>7} {'eng tok/s':>9}")
     if args.mem_bw is not None:
         header += f" {'% roof':>7}"
     print(header)
@@ -324,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         line = (f"{r['name']:40} {r['tokens_per_s']:9.1f} {r['prompts_per_s']:9.2f} {ratio(r, 'ratio_to_raw'):>20} "
                 f"{ratio(r, 'ratio_to_raw_ray_up'):>20} {r.get('scaling_efficiency', float('nan')):7.2f} "
-                f"{r['p50_group_latency_s']:7.2f} {r['p99_group_latency_s']:7.2f} {r['others_cpu_frac']:6.2f}")
+                f"{r['p50_group_latency_s']:7.2f} {r['p99_group_latency_s']:7.2f} {r['others_cpu_frac']:6.2f} "
+                f"{r['outside_engine_frac']:7.3f} {r['engine_tokens_per_busy_s']:9.1f}")
         if args.mem_bw is not None:
             line += f" {r['pct_of_roofline']:7.3f}"
         print(line)

@@ -11,12 +11,13 @@ def test_yaml_and_dotted_overrides(tmp_path):
     path.write_text("rollout:\n  group_size: 4\nalgorithm:\n  clip_high: 0.28\nreward:\n"
                     "  functions:\n    - {name: accuracy, fn: mc_accuracy, weight: 1.0}\n")
     cfg = load_config(str(path), ["rollout.temperature=0.7", "learner.lr=3e-6", "algorithm.dual_clip=3",
-                                  "data.val=null"])
+                                  "data.val=null", "trainer.resume=off"])
     assert cfg.trainer.run_name == "exp"
     assert cfg.rollout.group_size == 4 and cfg.rollout.temperature == 0.7
     assert cfg.learner.lr == 3e-6 and isinstance(cfg.algorithm.dual_clip, float)
     assert cfg.algorithm.clip_high == 0.28 and cfg.algorithm.clip_low == 0.2
     assert cfg.data.val is None
+    assert cfg.trainer.resume == "off", "YAML 1.1 would read off as False"
     assert [f.fn for f in cfg.reward.functions] == ["mc_accuracy"]
 
 
@@ -50,6 +51,8 @@ def test_bad_keys_and_types_name_the_field(override, message):
     (["learner.resources={learner_node: fast}", "rollout.resources={GPU: 1}"],
      ["learner.resources.learner_node", "rollout.resources.GPU"]),
     (["data.check_rows=-1"], ["data.check_rows"]),
+    (["rollout.max_staleness=2", "algorithm.tis_cap=2"], ["rollout.max_staleness"]),
+    (["rollout.max_staleness=1"], ["rollout.max_staleness", "algorithm.tis_cap"]),
 ])
 def test_impossible_combinations_fail_at_start(overrides, fields):
     with pytest.raises(ConfigError) as err:

@@ -3,8 +3,16 @@ node with its own custom resource, both started from a folder other than the rep
 rollout engine is pinned to one node and the learner rank to the other through their placement
 bundles (rollout.resources, learner.resources); two RL steps run with the weight sync across the
 nodes, and afterwards the engine's log-probs of a fixed response equal the learner's. The config
-names its model and DeepSpeed config by relative paths, which the driver resolves for every node."""
+names its model and DeepSpeed config by relative paths, which the driver resolves for every node.
 
+The driver runs in a fresh process: Ray keeps a process's token-authentication state across
+`ray.shutdown()`, so a test process that earlier ran a local (token) cluster rejects, unauthenticated,
+the calls this cluster's GCS makes to the driver as the owner of its actors — and the GCS, taking the
+owner for dead, cancels them before they start (what failed in CI)."""
+
+import concurrent.futures
+import glob
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -29,54 +37,84 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for(log, process, text="Ray runtime started"):
+    for _ in range(120):
+        if text in log.read_text():
+            return
+        assert process.poll() is None, log.read_text()
+        time.sleep(1)
+    raise AssertionError(f"no {text!r} in {log}:\n{log.read_text()}")
+
+
 @pytest.fixture
 def cluster(tmp_path, monkeypatch):
     """Address of a running two-node cluster: the head offers {rollout_node: 1}, the other node
-    {learner_node: 1}; one CPU each."""
+    {learner_node: 1}; one CPU each. Without token authentication (Ray 2.60 turns it on for new
+    clusters, and a driver connecting by address sends a token only when RAY_AUTH_MODE=token was set
+    before ray was imported): the environment says so for the nodes and for the driver process."""
     # Ray refuses a second node on the loopback address unless told this is a (test) cluster.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     port = _free_port()
     address = f"127.0.0.1:{port}"
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    # Ray 2.60 turns token authentication on for new clusters, and a driver that connects by address
-    # only sends the token when RAY_AUTH_MODE=token was set before ray was imported (jobs submitted to
-    # a token cluster inherit it). This short-lived test cluster runs without it.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    logs = [tmp_path / "head.log", tmp_path / "node.log"]
     nodes = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                               '--resources={"rollout_node": 1}', *common], cwd=tmp_path, env=env,
-                              stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)]
+                               '--resources={"rollout_node": 1}', *common], cwd=tmp_path,
+                              stdout=open(logs[0], "w"), stderr=subprocess.STDOUT)]
     try:
-        for _ in range(120):
-            if "Ray runtime started" in (tmp_path / "head.log").read_text():
-                break
-            assert nodes[0].poll() is None, (tmp_path / "head.log").read_text()
-            time.sleep(1)
+        _wait_for(logs[0], nodes[0])
         nodes.append(subprocess.Popen([RAY, "start", f"--address={address}", '--resources={"learner_node": 1}',
-                                       *common], cwd=tmp_path, env=env, stdout=open(tmp_path / "node.log", "w"),
-                                      stderr=subprocess.STDOUT))
-        ray.init(address=address, namespace="pathorl-test-multinode")
-        for _ in range(120):
-            if sum(n["Alive"] for n in ray.nodes()) == 2:
-                break
-            assert nodes[1].poll() is None, (tmp_path / "node.log").read_text()
-            time.sleep(1)
-        # A node counts as alive before it can start worker processes: run a task on each first.
-        probe = ray.remote(lambda: ray.get_runtime_context().get_node_id())
-        ray.get([probe.options(num_cpus=0, resources={r: 0.01}).remote() for r in ("rollout_node", "learner_node")],
-                timeout=300)
+                                       *common], cwd=tmp_path, stdout=open(logs[1], "w"), stderr=subprocess.STDOUT))
+        _wait_for(logs[1], nodes[1])
         yield address
     finally:
-        ray.shutdown()
         for node in reversed(nodes):  # `ray start --block` stops exactly its own processes on SIGTERM
             node.terminate()
             node.wait(timeout=60)
+
+
+def _ray_logs(since: float) -> str:
+    """The tails of the Ray logs of sessions started since `since` (for a failure message)."""
+    paths = [p for pattern in ("gcs_server.out", "raylet*.out", "raylet*.err", "python-core-driver-*.log")
+             for p in glob.glob(f"/tmp/ray/session_*/logs/{pattern}")
+             if os.path.getmtime(os.path.dirname(os.path.dirname(p))) >= since]
+    return "\n".join(f"--- {p}\n" + "".join(open(p, errors="replace").readlines()[-40:]) for p in sorted(paths))
+
+
+def test_rollout_and_learner_on_two_nodes(cluster, tiny_model, demo_data, tmp_path):
+    started = time.time() - 120
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        try:
+            ex.submit(_train_on_two_nodes, cluster, tiny_model, demo_data, str(tmp_path)).result()
+        except Exception as e:
+            raise AssertionError(f"{type(e).__name__}: {e}\n\nRay logs:\n{_ray_logs(started)}") from e
+    rows = [line for line in open(tmp_path / "two_nodes" / "metrics.jsonl")]
+    assert len(rows) == 2 and os.path.isfile(tmp_path / "two_nodes" / "hf" / "model.safetensors")
 
 
 def _node_of(actor) -> str:
     return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
 
-def test_rollout_and_learner_on_two_nodes(cluster, tiny_model, demo_data, tmp_path):
+def _train_on_two_nodes(address, tiny_model, demo_data, tmp_path):
+    """The driver, in its own process."""
+    ray.init(address=address, namespace="pathorl-test-multinode")
+    try:
+        for _ in range(120):
+            if sum(n["Alive"] for n in ray.nodes()) == 2:
+                break
+            time.sleep(1)
+        # A node counts as alive before it can start worker processes: run a task on each first.
+        probe = ray.remote(lambda: ray.get_runtime_context().get_node_id())
+        ray.get([probe.options(num_cpus=0, resources={r: 0.01}).remote() for r in ("rollout_node", "learner_node")],
+                timeout=300)
+        _two_steps(tiny_model, demo_data, tmp_path)
+    finally:
+        ray.shutdown()
+
+
+def _two_steps(tiny_model, demo_data, tmp_path):
     nodes = {next(k for k in n["Resources"] if k.endswith("_node")): n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert set(nodes) == {"rollout_node", "learner_node"} and len(set(nodes.values())) == 2
     cfg = load_config("launch/configs/demo.yaml", [
@@ -104,5 +142,3 @@ def test_rollout_and_learner_on_two_nodes(cluster, tiny_model, demo_data, tmp_pa
         assert (torch.tensor(engine[len(prompt.prompt_ids):]) - torch.tensor(learner)).abs().max() < 1e-4
     finally:
         trainer.close()
-    rows = [line for line in open(tmp_path / "two_nodes" / "metrics.jsonl")]
-    assert len(rows) == 2 and os.path.isfile(tmp_path / "two_nodes" / "hf" / "model.safetensors")

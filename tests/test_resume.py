@@ -141,10 +141,6 @@ def test_crash_and_resume_matches_the_uninterrupted_run(tmp_path, tiny_model, de
     moved = max((wa[k] - load_file(f"{tiny_model}/model.safetensors")[k]).abs().max().item() for k in wa)
     assert moved > 1e-3
 
-    # A finished run is not resumed: the same command again starts afresh and archives it.
-    proc = _run(crashed + ["trainer.steps=1"])
-    assert len(list(resumed.glob("previous-*"))) == 1 and "resumed from" not in proc.stderr
-
 
 def test_crash_mid_step_with_carried_groups(tmp_path, tiny_model, demo_data):
     rows = _data(tmp_path, demo_data, 6)
