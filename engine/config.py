@@ -292,7 +292,8 @@ class LearnerConfig:
     epochs: int = 1
     """Passes over the step's samples."""
     logprob_backend: str = "auto"
-    """Per-token log-prob implementation: "auto" (Triton on GPU, chunked torch on CPU), "triton" or "torch"."""
+    """Per-token log-prob implementation (kernels/): "auto" (the Triton kernels on GPU, the vocabulary-tiled
+    torch path on CPU), "triton", "tiled" or "torch" (the chunked reference, for comparison)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     torch_threads: int = 2

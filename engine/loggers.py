@@ -2,7 +2,10 @@
 summaries read it — and TensorBoard and Weights & Biases when listed.
 
 TensorBoard: event files under runs/<run>/tensorboard/<stage>/ (stage "sft" or "rl"), every numeric
-value of a metrics.jsonl row as a scalar under the same name at that row's `step`. wandb: one run
+value of a metrics.jsonl row as a scalar under the same name at that row's `step`. Each stage's
+writer opens with `purge_step` at its first row's step: a resumed run, which cuts metrics.jsonl after
+its checkpoint and appends, hides the cut steps' events, so TensorBoard shows each step once, as
+metrics.jsonl does. wandb: one run
 (project `trainer.wandb_project`, name `trainer.run_name`, files under runs/<run>/; WANDB_MODE=offline
 works without a network), values logged as "<stage>/<name>" with the row's step as "<stage>/step".
 A logger other than jsonl that fails is reported once and disabled: it never stops training.
@@ -37,7 +40,8 @@ class _TensorBoard:
         if stage not in self.writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writers[stage] = SummaryWriter(log_dir=os.path.join(self.root, stage))
+            self.writers[stage] = SummaryWriter(log_dir=os.path.join(self.root, stage),
+                                                purge_step=int(record.get("step", 0)))
         writer = self.writers[stage]
         for name, value in _scalars(record).items():
             writer.add_scalar(name, value, global_step=int(record.get("step", 0)))

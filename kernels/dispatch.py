@@ -1,8 +1,10 @@
 """Public entry points: check the inputs, pick the backend, add the KL term.
 
-backend="auto" runs the Triton kernels on CUDA tensors and the torch reference otherwise;
-"triton" forces the kernels (CPU tensors only under TRITON_INTERPRET=1); "torch" forces the
-reference. Every check runs before anything is launched and raises ValueError naming the argument.
+backend="auto" runs the Triton kernels on CUDA tensors; on CPU tensors it runs the vocabulary-tiled
+torch path (kernels.logprob_tiled) from hidden states and the torch reference from logits (whose
+row chunks are the tiles already: there is no GEMM to fuse). "triton" forces the kernels (CPU tensors
+only under TRITON_INTERPRET=1); "tiled" forces the tiled path (the reference from logits); "torch"
+forces the reference. Every check runs before anything is launched and raises ValueError naming the argument.
 The Triton modules are imported on first use: `import kernels` stays free of triton (CPU learners
 never need it), and TRITON_INTERPRET is read when those modules decorate their kernels.
 """
@@ -13,9 +15,9 @@ import numbers
 
 import torch
 
-from kernels import reference
+from kernels import logprob_tiled, reference
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "tiled", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -68,8 +70,8 @@ def _check_common(like, n_vocab, targets, temperature, ref_logprobs, kl, ignore_
 
 
 def _triton_module(backend, tensor, name):
-    """The Triton module kernels.<name> to run on `tensor`, or None for the torch reference."""
-    if backend == "torch" or (backend == "auto" and not tensor.is_cuda) or tensor.shape[0] == 0:
+    """The Triton module kernels.<name> to run on `tensor`, or None for a torch path."""
+    if backend in ("torch", "tiled") or (backend == "auto" and not tensor.is_cuda) or tensor.shape[0] == 0:
         return None  # (an empty batch launches nothing)
     module = importlib.import_module(f"kernels.{name}")
     if not tensor.is_cuda and not module.INTERPRETED:
@@ -124,6 +126,9 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, temperature=1.0, re
                              f"got {list(bias.shape)} {bias.dtype} on {bias.device}, strides {bias.stride()}")
     _check_common(hidden, n_vocab, targets, temperature, ref_logprobs, kl, ignore_index, backend)
     triton_impl = _triton_module(backend, hidden, "logprob_hidden")
+    if triton_impl is None and (backend == "tiled" or (backend == "auto" and hidden.shape[0] > 0)):
+        logp, entropy = logprob_tiled.logprobs_from_hidden(hidden, weight, targets, bias, temperature, ignore_index)
+        return logp, entropy, reference.kl_to_reference(logp, ref_logprobs, kl, targets != ignore_index)
     if triton_impl is None:
         return reference.logprobs_from_hidden(hidden, weight, targets, bias, temperature, ref_logprobs, kl,
                                               ignore_index)

@@ -109,12 +109,15 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, targets_ptr, max_part_ptr, sum_exp_part
         z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, valid, col_ok, hidden, stride_x, stride_w, temperature,
                          HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-        # Every tile holds at least one column and the logits are finite, so m_new is finite.
         m_new = tl.maximum(m, tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1))
-        moved = tl.where(m == float("-inf"), 0.0, m_new - m)
-        rescale = tl.exp(m - m_new)
-        e = tl.where(col_ok[None, :], tl.exp(z - m_new[:, None]), 0.0)
-        sum_exp_shifted = rescale * (sum_exp_shifted - moved * sum_exp) + tl.sum(e * (z - m_new[:, None]), axis=1)
+        # Logits of -inf (a -inf bias) keep a row's max at -inf until a finite one comes; the
+        # shift is 0 until then, and p = 0 entries add 0 (not 0·(-inf)) to Σ e·(z − m).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        moved = tl.where(m == float("-inf"), 0.0, shift - m)
+        rescale = tl.exp(m - shift)
+        e = tl.where(col_ok[None, :], tl.exp(z - shift[:, None]), 0.0)
+        e_shifted = tl.where(e > 0, e * (z - shift[:, None]), 0.0)
+        sum_exp_shifted = rescale * (sum_exp_shifted - moved * sum_exp) + tl.sum(e_shifted, axis=1)
         sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
         m = m_new
 
@@ -155,7 +158,7 @@ def _backward_kernel(x_ptr, w_ptr, b_ptr, targets_ptr, lse_ptr, mean_z_ptr, g_lo
     z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, valid, col_ok, hidden, stride_x, stride_w, temperature,
                      HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     p = tl.exp(z - lse[:, None])
-    dz = -p * (g_logp[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
+    dz = tl.where(p > 0, -p * (g_logp[:, None] + g_entropy[:, None] * (z - mean_z[:, None])), 0.0)
     dz += tl.where(cols[None, :] == targets[:, None], g_logp[:, None], 0.0)
     dz = tl.where(valid[:, None], dz / temperature, 0.0)
     tl.store(dz_ptr + rows[:, None] * stride_dz + local_cols[None, :], dz.to(dz_ptr.dtype.element_ty),
@@ -208,7 +211,9 @@ class LogprobsFromHidden(torch.autograd.Function):
         row_max = max_part.amax(0)
         weights = sum_exp_part * torch.exp(max_part - row_max)
         log_sum_exp = weights.sum(0).log()
-        mean_shifted = (weights * (mean_shifted_part + max_part - row_max)).sum(0) / weights.sum(0)
+        # A range whose logits are all -inf has weight 0 and a 0/0 mean: it adds nothing.
+        mean_shifted = torch.where(weights > 0, weights * (mean_shifted_part + max_part - row_max), 0.0)
+        mean_shifted = mean_shifted.sum(0) / weights.sum(0)
         lse = row_max + log_sum_exp
         mean_z = lse - (log_sum_exp - mean_shifted)
         valid = targets != ignore_index

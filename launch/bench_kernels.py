@@ -16,9 +16,13 @@ measured in the same run.
 Implementations: eager (hidden @ Wᵀ, fp32 log_softmax, gather), compile (the same function under
 torch.compile), liger_linear (LigerFusedLinearGRPOLoss on hidden states), liger_logits (Liger's
 Triton GRPO loss on materialised logits), ours (kernels.logprobs_from_hidden) and ours_logits
-(materialised logits + kernels.logprobs_from_logits). Liger rows are skipped, with the reason in
-the table, when liger_kernel cannot be imported or its API differs. On CPU "ours" runs the torch
-reference (backend="auto"), times are wall-clock and memory is not measured.
+(materialised logits + kernels.logprobs_from_logits), ours_reference (kernels.logprobs_from_hidden
+with backend="torch", the readable chunked reference). Liger rows are skipped, with the reason in
+the table, when liger_kernel cannot be imported or its API differs. On CPU "ours" runs the
+vocabulary-tiled torch path (backend="auto"), times are wall-clock and memory is not measured;
+`--models demo` is the demo model's LM head (H = 128), the CPU learner's case:
+
+    python launch/bench_kernels.py --device cpu --models demo --tokens 576 2048 --impls eager ours ours_reference
 """
 
 import argparse
@@ -36,11 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 
-MODELS = {"3b": (2048, 151_936), "7b": (3584, 152_064)}
-TINY_MODELS = {"3b": (64, 1_000), "7b": (96, 1_031)}
+MODELS = {"3b": (2048, 151_936), "7b": (3584, 152_064), "demo": (128, 151_936)}
+TINY_MODELS = {"3b": (64, 1_000), "7b": (96, 1_031), "demo": (16, 1_000)}
 DEFAULT_TOKENS = [4096, 8192, 16384, 32768, 65536]
 TINY_TOKENS = [256, 512]
-IMPLS = ["eager", "compile", "liger_linear", "liger_logits", "ours", "ours_logits"]
+IMPLS = ["eager", "compile", "liger_linear", "liger_logits", "ours", "ours_logits", "ours_reference"]
 SEQUENCE_LENGTH = 1024  # tokens per sequence, for the implementations that take [B, L] batches
 BETA = 0.04  # KL weight in the loss
 TEMPERATURE = 1.0
@@ -74,9 +78,12 @@ def make_step(impl, device):
         torch._dynamo.reset()  # one compilation per shape, never the recompile limit's eager fallback
         compiled = torch.compile(eager_logprobs, dynamic=False)
         return lambda h, w, t, ref, adv: grpo_loss(*compiled(h, w, t, ref), adv)
-    if impl == "ours":
+    if impl in ("ours", "ours_reference"):
+        backend = "auto" if impl == "ours" else "torch"
+
         def ours(h, w, t, ref, adv):
-            logp, _, kl = kernels.logprobs_from_hidden(h, w, t, temperature=TEMPERATURE, ref_logprobs=ref)
+            logp, _, kl = kernels.logprobs_from_hidden(h, w, t, temperature=TEMPERATURE, ref_logprobs=ref,
+                                                       backend=backend)
             return grpo_loss(logp, kl, adv)
         return ours
     if impl == "ours_logits":
@@ -177,7 +184,7 @@ def bench_one(step, n_hidden, n_vocab, n_tokens, device, dtype, timer, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["3b", "7b"])
     parser.add_argument("--tokens", nargs="+", type=int, help="T values (default 4096 .. 65536; --tiny: 256 512)")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")

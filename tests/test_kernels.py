@@ -1,15 +1,16 @@
 """kernels/: per-token log-prob, entropy and KL, values and gradients, against an fp64 oracle written
 independently from the published formulas (torch.log_softmax in float64, autograd for gradients).
 
-Both backends run here: the torch reference, and the Triton kernels under the Triton interpreter on
-CPU. TRITON_INTERPRET is read when @triton.jit decorates a kernel, i.e. when kernels.logprob_logits
+Every backend runs here: the torch reference, the Triton kernels under the Triton interpreter on
+CPU, and (hidden-state path) the vocabulary-tiled torch path that is the CPU default, with tiles
+shrunk so that the small shapes below take several row blocks and vocabulary tiles. TRITON_INTERPRET is read when @triton.jit decorates a kernel, i.e. when kernels.logprob_logits
 and kernels.logprob_hidden are first imported (`import kernels` does not import them), and again by
 parts of triton that the interpreter imports at the first launch. So it is set around that import
 and, by an autouse fixture, around this module's tests, and restored in between: other test modules,
 and the processes they start, see the environment unchanged.
 
 Tolerances, max |ours − oracle| with the oracle computed from the same input values in fp64
-(observed maxima in brackets, both backends):
+(observed maxima in brackets, all backends):
   logprobs, entropy, kl, fp32 and bf16 inputs (fp32 maths)  ≤ 1e-5                     [2.0e-6]
   gradients, fp32 inputs                                    ≤ 5e-6 · max(1, max|oracle|) [0.8e-6]
   gradients, bf16 inputs                                    ≤ 2e-2 · max(1, max|oracle|) [0.9e-2]
@@ -48,6 +49,7 @@ with triton_interpreter():
     from kernels import logprob_hidden, logprob_logits
 
 import kernels  # noqa: E402
+from kernels import logprob_tiled  # noqa: E402
 
 assert logprob_logits.INTERPRETED and logprob_hidden.INTERPRETED, (
     "kernels.logprob_logits/logprob_hidden were imported before this module set TRITON_INTERPRET=1")
@@ -59,10 +61,18 @@ def _interpreter_for_this_module():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    """Tiles of 8 rows × 16 vocabulary entries for the tiled path: several of each, a ragged last."""
+    monkeypatch.setattr(logprob_tiled, "ROW_BLOCK", 8)
+    monkeypatch.setattr(logprob_tiled, "TILE_BYTES", 4 * 8 * 16)
+
+
 VALUE_ATOL = 1e-5
 FP32_GRAD_RTOL = 5e-6
 BF16_GRAD_RTOL = 2e-2
 BACKENDS = ["torch", "triton"]
+HIDDEN_BACKENDS = BACKENDS + ["tiled"]
 KL_TEMPERATURE = {None: 1.0, "k1": 0.7, "k2": 1.0, "k3": 1.3}
 
 
@@ -145,7 +155,7 @@ def test_logits_path_matches_fp64_oracle(backend, dtype, n_rows, n_vocab, kl):
     assert torch.all(logits.grad[masked] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kl", list(KL_TEMPERATURE))
 def test_hidden_path_matches_fp64_oracle(backend, dtype, kl):
@@ -179,7 +189,7 @@ def test_hidden_path_matches_fp64_oracle(backend, dtype, kl):
     assert torch.all(hidden.grad[targets == ignore_index] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
 def test_gradient_when_only_logprobs_feed_the_loss(backend):
     """The learner's usual case: entropy is a metric, so no gradient reaches it (None upstream)."""
     n_rows, n_hidden, n_vocab, ignore_index = 19, 24, 257, -100
@@ -195,6 +205,23 @@ def test_gradient_when_only_logprobs_feed_the_loss(backend):
     (logp * a.float()).sum().backward()
     for name, param, param64 in zip(("dhidden", "dweight"), params, params64):
         assert_grad_close(name, param.grad, param64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+def test_frozen_lm_head(backend):
+    """A LoRA policy's LM head takes no gradient: hidden's gradient is unchanged, weight's is None."""
+    n_rows, n_hidden, n_vocab = 11, 16, 90
+    gen = torch.Generator().manual_seed(17)
+    hidden, weight = torch.randn(n_rows, n_hidden, generator=gen), 0.5 * torch.randn(n_vocab, n_hidden, generator=gen)
+    targets = make_targets(n_rows, n_vocab, -100, gen)
+    weights = torch.randn(3, n_rows, generator=gen, dtype=torch.float64)
+    hidden64 = hidden.double().requires_grad_()
+    weighted_loss(oracle(hidden64 @ weight.double().T, targets, 1.1, None, "k3", -100), weights).backward()
+    hidden.requires_grad_()
+    weighted_loss(kernels.logprobs_from_hidden(hidden, weight, targets, temperature=1.1, backend=backend),
+                  weights.float()).backward()
+    assert weight.grad is None
+    assert_grad_close("dhidden", hidden.grad, hidden64.grad, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -239,6 +266,32 @@ def test_minus_inf_logits(backend):
     assert torch.all(logits.grad[banned] == 0)
 
 
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+def test_minus_inf_bias_on_the_hidden_path(backend):
+    """A -inf bias masks vocabulary entries, including the whole first tiles of the tiled path (its
+    online max starts from rows that have seen only -inf): finite outputs, zero gradient there."""
+    n_rows, n_hidden, n_vocab = 21, 12, 150
+    gen = torch.Generator().manual_seed(13)
+    hidden, weight = torch.randn(n_rows, n_hidden, generator=gen), 0.5 * torch.randn(n_vocab, n_hidden, generator=gen)
+    targets = make_targets(n_rows, n_vocab, -100, gen).clamp(max=n_vocab - 1)
+    banned = torch.rand(n_vocab, generator=gen) < 0.3
+    banned[:40] = True
+    banned[targets.clamp(min=0)] = False
+    bias = torch.zeros(n_vocab).masked_fill(banned, float("-inf"))
+    weights = torch.randn(3, n_rows, generator=gen, dtype=torch.float64)
+    params64 = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
+    expected = oracle(params64[0] @ params64[1].T + bias.double().masked_fill(banned, -1e4), targets, 0.8, None,
+                      "k3", -100)
+    weighted_loss(expected, weights).backward()
+    params = [hidden.requires_grad_(), weight.requires_grad_()]
+    ours = kernels.logprobs_from_hidden(hidden, weight, targets, bias, 0.8, backend=backend)
+    weighted_loss(ours, weights.float()).backward()
+    check_outputs(ours, expected, None)
+    for name, param, param64 in zip(("dhidden", "dweight"), params, params64):
+        assert_grad_close(name, param.grad, param64.grad, torch.float32)
+    assert torch.all(weight.grad[banned] == 0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("delta", [-30.0, -1.0, 30.0])
 def test_k3_clamp(backend, delta):
@@ -255,9 +308,10 @@ def test_k3_clamp(backend, delta):
     torch.testing.assert_close(logits.grad, torch.tensor([[0.5 * slope, -0.5 * slope]]))
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "tiled"])
 def test_empty_batch_and_auto_backend(backend):
-    """An empty batch returns empty outputs; on CPU "auto" is the torch reference, bit for bit."""
+    """An empty batch returns empty outputs; on CPU "auto" is the torch reference from logits and
+    the tiled path from hidden states, bit for bit."""
     empty = kernels.logprobs_from_logits(torch.zeros(0, 11), torch.zeros(0, dtype=torch.long),
                                          ref_logprobs=torch.zeros(0), backend=backend)
     assert [tuple(t.shape) for t in empty] == [(0,)] * 3
@@ -266,6 +320,13 @@ def test_empty_batch_and_auto_backend(backend):
     auto = kernels.logprobs_from_logits(logits, targets, backend="auto")
     torch_ref = kernels.logprobs_from_logits(logits, targets, backend="torch")
     assert torch.equal(auto[0], torch_ref[0]) and torch.equal(auto[1], torch_ref[1])
+    empty = kernels.logprobs_from_hidden(torch.zeros(0, 4), torch.ones(11, 4), torch.zeros(0, dtype=torch.long),
+                                         ref_logprobs=torch.zeros(0), backend=backend)
+    assert [tuple(t.shape) for t in empty] == [(0,)] * 3
+    hidden, weight = torch.randn(6, 4), torch.randn(11, 4)
+    auto = kernels.logprobs_from_hidden(hidden, weight, targets, backend="auto")
+    tiled = kernels.logprobs_from_hidden(hidden, weight, targets, backend="tiled")
+    assert torch.equal(auto[0], tiled[0]) and torch.equal(auto[1], tiled[1])
 
 
 def _logits_call(**overrides):
