@@ -126,7 +126,7 @@ def logprobs_from_hidden(hidden, weight, targets, bias=None, temperature=1.0, re
                              f"got {list(bias.shape)} {bias.dtype} on {bias.device}, strides {bias.stride()}")
     _check_common(hidden, n_vocab, targets, temperature, ref_logprobs, kl, ignore_index, backend)
     triton_impl = _triton_module(backend, hidden, "logprob_hidden")
-    if triton_impl is None and (backend == "tiled" or (backend == "auto" and hidden.shape[0] > 0)):
+    if triton_impl is None and backend in ("tiled", "auto"):
         logp, entropy = logprob_tiled.logprobs_from_hidden(hidden, weight, targets, bias, temperature, ignore_index)
         return logp, entropy, reference.kl_to_reference(logp, ref_logprobs, kl, targets != ignore_index)
     if triton_impl is None:
