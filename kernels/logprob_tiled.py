@@ -25,6 +25,8 @@ target is `ignore_index` are skipped and give 0.
 
 import torch
 
+from kernels.reference import softmax_grad_without_target
+
 # Bytes of one fp32 logits tile: a few MB stays in a CPU core's L2/L3 between the passes.
 TILE_BYTES = 8 << 20
 # Rows per tile: past ~2,000 rows the vocabulary tile would shrink below a few hundred entries,
@@ -111,14 +113,7 @@ class _LogprobsFromHiddenTiled(torch.autograd.Function):
             for r0 in range(0, n, block):
                 r = slice(r0, r0 + block)
                 z, w = _logits_tile(x[r], weight, bias32, v0, v0 + tile, temperature)
-                log_p = z.sub_(lse_v[r, None])
-                p = log_p.exp()
-                if g_ent is None:
-                    dz = p.mul_(-g[r, None])
-                else:
-                    # z − E[z] = log p + entropy; zeroed where p = 0 (z = -inf) to keep 0·(-inf) = nan out.
-                    centred = log_p.add_(ent_v[r, None]).nan_to_num_(neginf=0.0)
-                    dz = centred.mul_(g_ent[r, None]).add_(g[r, None]).mul_(p).neg_()
+                dz = softmax_grad_without_target(z, lse_v[r], ent_v[r], g[r], None if g_ent is None else g_ent[r])
                 dx[r].addmm_(dz, w)
                 if dweight is not None:
                     dweight[v0:v0 + tile].addmm_(dz.T, x[r])

@@ -71,6 +71,14 @@ def _softmax_grad(z, targets, lse, entropy, g_logp, g_entropy):
     """∂loss/∂z [R, V] fp32, written over z [R, V], from per-row lse, entropy and upstream grads
     (all [R]); g_entropy None when the entropy took no part in the loss (the common case: it is a
     metric), which skips that term's three passes over [R, V]."""
+    dz = softmax_grad_without_target(z, lse, entropy, g_logp, g_entropy)
+    dz[torch.arange(len(targets), device=z.device), targets] += g_logp
+    return dz
+
+
+def softmax_grad_without_target(z, lse, entropy, g_logp, g_entropy):
+    """`_softmax_grad` less the one-hot term g_logp·1[v = y], for a z that may be a vocabulary tile
+    without the target (kernels.logprob_tiled adds that term after its tiles)."""
     log_p = z.sub_(lse[:, None])
     p = log_p.exp()
     if g_entropy is None:
@@ -79,7 +87,6 @@ def _softmax_grad(z, targets, lse, entropy, g_logp, g_entropy):
         # z − E[z] = log p + entropy; zeroed where p = 0 (z = -inf) to keep 0·(-inf) = nan out.
         centred = log_p.add_(entropy[:, None]).nan_to_num_(neginf=0.0)
         dz = centred.mul_(g_entropy[:, None]).add_(g_logp[:, None]).mul_(p).neg_()
-    dz[torch.arange(len(targets), device=z.device), targets] += g_logp
     return dz
 
 
