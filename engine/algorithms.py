@@ -10,6 +10,7 @@ flattened. Everything here is plain torch, runs on CPU and is tested against han
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -23,13 +24,27 @@ ADVANTAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float]
 [B], response lengths [B] (tokens; the population of token-level normalisations) and eps, and
 returns one advantage per response [B], broadcast over its tokens by the loss."""
 WHITEN_EPS = 1e-8
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
 def register_advantage(name: str):
+    """Registers an estimator under `name`, behind one check of its inputs: rewards, group and
+    lengths 1-D of one length (a ValueError naming the mismatch otherwise). An empty batch gives an
+    empty result; integer or bool rewards give floating advantages (torch's default dtype)."""
     def wrap(fn):
-        ADVANTAGES[name] = fn
-        return fn
+        @functools.wraps(fn)
+        def checked(rewards: torch.Tensor, group: torch.Tensor, lengths: torch.Tensor, *args, **kwargs):
+            shapes = {"rewards": tuple(rewards.shape), "group": tuple(group.shape), "lengths": tuple(lengths.shape)}
+            if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
+                raise ValueError(f"advantage {name!r}: rewards, group and lengths must be 1-D of one length, got {shapes}")
+            if not rewards.is_floating_point():
+                rewards = rewards.to(torch.get_default_dtype())
+            if rewards.numel() == 0:
+                return rewards.clone()
+            return fn(rewards, group, lengths, *args, **kwargs)
+
+        ADVANTAGES[name] = checked
+        return checked
     return wrap
 
 
@@ -90,7 +105,9 @@ def reinforce_pp_baseline_advantage(rewards: torch.Tensor, group: torch.Tensor, 
         μ = Σ_i |y_i|·x_i / N,   σ² = Σ_i |y_i|·(x_i − μ)² / (N − 1),   A_i = (x_i − μ) / sqrt(σ² + 1e-8)
 
     with N = Σ_i |y_i| (token-weighted, unbiased). A response with a non-finite reward or no tokens
-    takes no part and gets 0. `eps` is unused: the whitening constant is the anchors' 1e-8."""
+    takes no part and gets 0. `eps` is unused: the whitening constant is the anchors' 1e-8. A group
+    of one sample centres to x = 0 here (verl keeps its raw reward there, as its GRPO does; see
+    `grpo_advantage`), so such a batch whitens differently from verl's."""
     r = rewards.double()
     _, _, mean = _group_stats(r, group)
     valid = torch.isfinite(r) & (lengths > 0)
@@ -110,6 +127,12 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
         ρ = exp(logp − old);  loss = −min(ρ·A, clip(ρ, 1 − lo, 1 + hi)·A)
         dual clip (A < 0):    loss = min(loss, −c·A)
     """
+    if not (logp.shape == old_logp.shape == advantages.shape):
+        raise ValueError(f"ppo_clip_loss: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages "
+                         f"{tuple(advantages.shape)} must have one shape (one value per token)")
+    if not (0 <= clip_low <= 1 and clip_high >= 0) or (dual_clip is not None and not dual_clip > 1):
+        raise ValueError(f"ppo_clip_loss: needs 0 <= clip_low <= 1, clip_high >= 0 and dual_clip > 1 or None; got "
+                         f"clip_low={clip_low}, clip_high={clip_high}, dual_clip={dual_clip}")
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -134,12 +157,25 @@ def token_weights(mode: str, seq_index: torch.Tensor, seq_lengths: torch.Tensor,
     is the same update:
         token_mean               w = 1 / num_tokens                          (DAPO)
         seq_mean_token_mean      w = 1 / (num_seqs · |y_i|)                   (GRPO sample-level)
+        seq_mean_token_sum       w = 1 / num_seqs                            (verl's seq-mean-token-sum)
         seq_mean_token_sum_norm  w = 1 / (num_seqs · max_response_len)        (Dr. GRPO)
+    The names are verl's `agg_loss` modes (verl/trainer/ppo/core_algos.py) with underscores. For
+    seq_mean_token_sum_norm we follow the Dr. GRPO paper (arXiv 2503.20783) and TRL's "dr_grpo"
+    loss, Σ / (B · L_max); verl's agg_loss divides the step's sum by L_max alone (B times larger,
+    a constant factor Adam absorbs but gradient clipping does not).
     """
+    if seq_index.numel() and (num_seqs < 1 or num_tokens <= 0 or max_response_len < 1
+                              or int(seq_index.max()) >= len(seq_lengths) or int(seq_index.min()) < 0):
+        raise ValueError(f"token_weights: {seq_index.numel()} tokens need num_seqs >= 1, num_tokens > 0, "
+                         f"max_response_len >= 1 and seq_index within seq_lengths ({len(seq_lengths)} sequences); got "
+                         f"num_seqs={num_seqs}, num_tokens={num_tokens}, max_response_len={max_response_len}, "
+                         f"seq_index in [{int(seq_index.min())}, {int(seq_index.max())}]")
     if mode == "token_mean":
-        return torch.full(seq_index.shape, 1.0 / max(num_tokens, 1), dtype=torch.float64, device=seq_index.device)
+        return torch.full(seq_index.shape, 1.0 / num_tokens, dtype=torch.float64, device=seq_index.device)
     if mode == "seq_mean_token_mean":
         return 1.0 / (num_seqs * seq_lengths.double().clamp(min=1)[seq_index])
+    if mode == "seq_mean_token_sum":
+        return torch.full(seq_index.shape, 1.0 / num_seqs, dtype=torch.float64, device=seq_index.device)
     if mode == "seq_mean_token_sum_norm":
         return torch.full(seq_index.shape, 1.0 / (num_seqs * max_response_len), dtype=torch.float64,
                           device=seq_index.device)
@@ -147,13 +183,15 @@ def token_weights(mode: str, seq_index: torch.Tensor, seq_lengths: torch.Tensor,
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(π‖π_ref) estimate [N] ("k1" | "k2" | "k3"; k3's exponent clamped to ±20)."""
+    """Per-token KL(π‖π_ref) estimate [N] ("k1" | "k2" | "k3", k3 being verl's clamped low_var_kl)."""
     return KL_ESTIMATORS[estimator](logp - ref_logp)
 
 
 def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
     """Truncated importance sampling [N]: min(π_old/π_rollout, cap), correcting for the rollout
     engine sampling from a slightly different distribution than the learner computes."""
+    if not cap > 0:
+        raise ValueError(f"tis_weights: cap must be > 0 (algorithm.tis_cap >= 1), got {cap}")
     return torch.exp((old_logp - rollout_logp).clamp(max=math.log(cap)))
 
 
@@ -164,8 +202,13 @@ def overlong_shaping(lengths: torch.Tensor, max_length: int, buffer: int, factor
 
 def zero_variance_groups(metric: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Per-sample bool [B]: True where the sample's group has the same `metric` on every sample
-    (DAPO drops those groups: zero advantage, no signal). NaN metrics never count as equal."""
+    (DAPO drops those groups: zero advantage, no signal). NaN metrics never count as equal.
+    Unlike verl's DAPO filter (recipe/dapo, std of the metric > 0, singletons kept) a group of one
+    counts as equal (its advantage is 0 here), a group with a NaN metric is kept (its finite
+    samples still compare), and equal values are compared exactly, not through a float std."""
     m = metric.double()
+    if m.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
     _, inverse = torch.unique(group, return_inverse=True)
     n = int(inverse.max()) + 1
     lo = torch.full((n,), math.inf, dtype=m.dtype).scatter_reduce(0, inverse, m, "amin")

@@ -218,8 +218,9 @@ class AlgorithmConfig:
     dual_clip: float | None = None
     """Dual-clip bound c (> 1) on the loss of negative-advantage tokens; None disables it."""
     loss_agg: str = "seq_mean_token_mean"
-    """Loss aggregation: "token_mean" (DAPO, global token count), "seq_mean_token_mean" (GRPO) or
-    "seq_mean_token_sum_norm" (Dr.GRPO)."""
+    """Loss aggregation (verl's agg_loss modes, with underscores): "token_mean" (DAPO, global token
+    count), "seq_mean_token_mean" (GRPO), "seq_mean_token_sum" or "seq_mean_token_sum_norm"
+    (Dr.GRPO)."""
     kl_estimator: str = "k3"
     """KL estimator to the reference model: "k1", "k2" or "k3"."""
     kl_loss_coef: float = 0.0
@@ -450,6 +451,9 @@ class Config:
         if a.overlong_buffer < 0 or a.overlong_buffer >= r.max_new_tokens:
             problems.append(f"algorithm.overlong_buffer ({a.overlong_buffer}) must be in [0, rollout.max_new_tokens "
                             f"= {r.max_new_tokens})")
+        if a.overlong_factor < 0:
+            problems.append(f"algorithm.overlong_factor ({a.overlong_factor}) must be >= 0: it is the penalty at the "
+                            "length limit (a negative one would reward overlong responses)")
         if a.tis_cap is not None and a.tis_cap < 1.0:
             problems.append(f"algorithm.tis_cap ({a.tis_cap}) must be >= 1 or null")
         if r.max_staleness not in (0, 1):
@@ -534,8 +538,21 @@ def _lora_problems(model: ModelConfig) -> list[str]:
     return problems
 
 
+def _non_finite(node: Any, where: str) -> list[tuple[str, float]]:
+    """(dotted name, value) of the NaN or infinite numbers anywhere in a config (no field means anything
+    with them, and NaN passes every `<` check)."""
+    if dataclasses.is_dataclass(node):
+        return [p for f in dataclasses.fields(node) for p in _non_finite(getattr(node, f.name), f"{where}.{f.name}")]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _non_finite(v, f"{where}.{k}")]
+    if isinstance(node, (list, tuple)):
+        return [p for i, v in enumerate(node) for p in _non_finite(v, f"{where}[{i}]")]
+    return [(where, node)] if isinstance(node, float) and not math.isfinite(node) else []
+
+
 def _range_problems(cfg: Config) -> list[str]:
     """Numbers outside the range where they mean something."""
+    problems = [f"{name.lstrip('.')} must be a finite number, got {value}" for name, value in _non_finite(cfg, "")]
     at_least = {  # field: (value, minimum)
         "trainer.steps": (cfg.trainer.steps, 0), "trainer.eval_every": (cfg.trainer.eval_every, 0),
         "trainer.save_every": (cfg.trainer.save_every, 0), "trainer.eval_max_rows": (cfg.trainer.eval_max_rows, 1),
@@ -559,7 +576,7 @@ def _range_problems(cfg: Config) -> list[str]:
         "data.max_prompt_tokens": (cfg.data.max_prompt_tokens, 1), "model.max_model_len": (cfg.model.max_model_len, 2),
         "rollout.num_cpus_per_worker": (cfg.rollout.num_cpus_per_worker, 0), "learner.num_cpus": (cfg.learner.num_cpus, 0),
     }
-    problems = [f"{name} must be >= {low}, got {value}" for name, (value, low) in at_least.items() if value < low]
+    problems += [f"{name} must be >= {low}, got {value}" for name, (value, low) in at_least.items() if value < low]
     positive = {
         "rollout.temperature": cfg.rollout.temperature, "learner.lr": cfg.learner.lr, "sft.lr": cfg.sft.lr,
         "reward.timeout_s": cfg.reward.timeout_s, "rollout.kv_cache_gib": cfg.rollout.kv_cache_gib,

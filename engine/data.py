@@ -94,7 +94,7 @@ class LazyRows:
         except DataError as e:
             return self.source.where(at), e
         raw = record.raw
-        uid = str(raw["id"]) if isinstance(raw, dict) and "id" in raw else record.where
+        uid = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else record.where
         try:
             return uid, normalise(raw, record.where, record.base_dir)
         except DataError as e:

@@ -17,13 +17,14 @@ The served row keeps every column and sets: `id` (the row's own, else "<file>:<l
 "<file>:row <N>"), `images` (resolved references: absolute paths, data URIs or bytes;
 engine/images.py), `question` (verl, EasyR1: the user text without placeholders), `options`
 ([] for verl and EasyR1 rows), `answer` (the ground truth: reward_model.ground_truth for verl,
-`answer` for EasyR1; a number becomes its string), `data_source`, and the private `_where`,
+`answer` for EasyR1; a number becomes its string, 42.0 "42"), `data_source`, and the private `_where`,
 `_schema` and, for verl rows, `_chat` (the messages with image parts). Private keys never reach
 the rewards.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from engine.chat import ROLES, to_messages
@@ -46,7 +47,7 @@ def normalise(raw: Any, where: str, base_dir: str) -> dict[str, Any]:
         row = _easyr1(raw, where, base_dir)
     else:
         row = _pathorl(raw, where, base_dir)
-    row["id"] = str(raw.get("id", where))
+    row["id"] = where if raw.get("id") is None else str(raw["id"])
     row["_where"] = where
     row.setdefault("data_source", "")
     row["data_source"] = str(row["data_source"] or "")
@@ -68,8 +69,14 @@ def _resolved(refs: list[Any], where: str, base_dir: str) -> list[str | bytes]:
 
 
 def _ground_truth(value: Any, where: str, column: str) -> str:
+    """The ground truth as the served row's string `answer`: a number becomes its string (an integral
+    float, as a parquet column with nulls stores integers, its integer: 42.0 -> "42"); NaN, an
+    infinity, an empty string or anything else is refused. Rewards in verl's style still get
+    verl's `reward_model.ground_truth` as stored (rewards/compat.py)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+        if not math.isfinite(value):
+            raise DataError(f"{where}: {column} must be a non-empty string or a finite number, got {value!r}")
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: {column} must be a non-empty string or a number, got {value!r:.100}")
     return value
@@ -125,10 +132,14 @@ def _verl(raw: dict[str, Any], where: str, base_dir: str) -> dict[str, Any]:
         raise DataError(f"{where}: column 'reward_model' must hold the 'ground_truth' (verl's schema), got "
                         f"{reward_model!r:.100}")
     extra_info = raw.get("extra_info")
+    if isinstance(extra_info, list) and all(isinstance(p, tuple) and len(p) == 2 for p in extra_info):
+        extra_info = dict(extra_info)  # an Arrow map column reads as (key, value) pairs
     if extra_info is not None and not isinstance(extra_info, dict):
         raise DataError(f"{where}: column 'extra_info' must be an object (handed to the rewards), got "
                         f"{type(extra_info).__name__}")
     row = dict(raw)
+    if "extra_info" in raw:
+        row["extra_info"] = extra_info
     row.update(images=_resolved(refs, where, base_dir), question=_user_text(messages), options=[],
                answer=_ground_truth(reward_model["ground_truth"], where, "column 'reward_model': 'ground_truth'"),
                _schema="verl", _chat=messages)

@@ -109,6 +109,20 @@ def start_pool(cfg: Config, model_path: str) -> RolloutPool:
         placement_timeout_s=cfg.trainer.placement_timeout_s, resources=r.resources)
 
 
+def log_reward_errors(errors: list, n_samples: int, most: int = 5) -> None:
+    """One warning per distinct failure of a scoring call (reward, kind and message; the first
+    `most` of them, then how many more), so a reward that fails is seen in the log, not only as a
+    count in reward/errors."""
+    distinct: dict[tuple[str, str, str], int] = {}
+    for e in errors:
+        key = (e.reward, e.kind, e.message)
+        distinct[key] = distinct.get(key, 0) + 1
+    for (reward, kind, message), count in list(distinct.items())[:most]:
+        log.warning("reward %r failed on %d of %d samples (%s): %s", reward, count, n_samples, kind, message)
+    if len(distinct) > most:
+        log.warning("... and %d more distinct reward failures in this batch", len(distinct) - most)
+
+
 def rollout_seed(run_seed: int, uid: str, epoch: int) -> int:
     """vLLM seed of a training group: a function of (run seed, row id, epoch) alone, so a resumed run
     samples what the uninterrupted run sampled; vLLM gives sample i of the group seed + i."""
@@ -168,6 +182,7 @@ class GroupSampler:
             return []
         batch = self.rewards.score(inputs)
         out.reward_errors += len(batch.errors)
+        log_reward_errors(batch.errors, len(inputs))
         k = 0
         for g in groups:
             n = len(g.result.samples)

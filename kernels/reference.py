@@ -13,9 +13,11 @@ From hidden states the logits are hidden · weightᵀ (+ bias), and the chain ru
     ∂hidden = ∂logits · weight,   ∂weight = ∂logitsᵀ · hidden,   ∂bias = Σ_n ∂logits.
 KL to a reference policy, Δ = logp − ref_logp (Schulman's estimators of KL(π‖π_ref)):
     k1 = Δ,   k2 = Δ²/2,   k3 = exp(−Δ) + Δ − 1
-k3's exponent is clamped to [−20, 20] (`K3_EXP_CLAMP`): a token the policy has pushed far below the
-reference (Δ ≪ 0) would otherwise give exp(−Δ) = inf and a non-finite loss; past the clamp k3
-grows linearly in Δ and its gradient is 1.
+k3 is verl's `low_var_kl` (verl/trainer/ppo/core_algos.py, `kl_penalty`) to the letter: Δ is clamped to
+[−20, 20] (`K3_DELTA_CLAMP`) before both terms and the estimate to [−10, 10] (`K3_VALUE_CLAMP`), so
+a token the policy has pushed far from the reference gives a bounded value and zero gradient
+rather than exp(−Δ) = inf (or, with only the exponent clamped, a gradient of the wrong sign).
+Inside the clamps (k3 ≤ 10, i.e. −2.4 ≲ Δ ≲ 11) it equals TRL's unclamped k3.
 Rows whose target is `ignore_index` give 0 for all three outputs and receive zero gradient.
 
 Memory: [N, V] fp32 intermediates never exist. The autograd Functions below walk the unmasked
@@ -25,7 +27,8 @@ peak extra memory is a few such chunks (a few hundred MB at V = 151,936) for any
 
 import torch
 
-K3_EXP_CLAMP = 20.0
+K3_DELTA_CLAMP = 20.0
+K3_VALUE_CLAMP = 10.0
 
 # Bytes of one fp32 [rows, V] chunk; a chunk step holds two of them.
 CHUNK_BYTES = 64 << 20
@@ -33,8 +36,13 @@ CHUNK_BYTES = 64 << 20
 KL_ESTIMATORS = {
     "k1": lambda delta: delta,
     "k2": lambda delta: 0.5 * delta.square(),
-    "k3": lambda delta: torch.exp((-delta).clamp(-K3_EXP_CLAMP, K3_EXP_CLAMP)) + delta - 1.0,
+    "k3": lambda delta: _k3(delta),
 }
+
+
+def _k3(delta):
+    d = delta.clamp(-K3_DELTA_CLAMP, K3_DELTA_CLAMP)
+    return (torch.exp(-d) + d - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
 
 
 def kl_to_reference(logprobs, ref_logprobs, kl, valid):

@@ -9,24 +9,30 @@ RewardSpec's kwargs; the first matching rule decides the style.
 - verl_batch: a parameter `solution_strs`. fn(data_sources=, solution_strs=, ground_truths=,
   extra_infos=, **kw) -> list of float or {"score": float, ...}.
 - verl: a parameter `solution_str`. fn(data_source=, solution_str=, ground_truth=, extra_info=, **kw)
-  -> float or {"score": float, ...}. extra_info is the row's `extra_info` column when it has one
-  (verl's schema: what verl's reward managers pass, e.g. verl/workers/reward_manager/naive.py), else
-  the whole dataset row (`s.extra`).
+  -> float or {"score": float, ...}. ground_truth is the row's `reward_model.ground_truth` as stored
+  (a number stays a number) when the row is in verl's schema, else `s.ground_truth`. extra_info is
+  the row's `extra_info` column when it has one ({} where it is null, as verl's rl_dataset gives;
+  what verl's reward managers pass, e.g. verl/workers/reward_manager/naive.py), else the whole
+  dataset row (`s.extra`).
 - openrlhf: a parameter `queries`. fn(queries=, prompts=, labels=, **kw) -> list/tensor of rewards,
   or {"rewards": ..., "scores": ..., "extra_logs": {...}}. queries are `s.prompt + s.response` (the
   prompt text without chat template, then the response), prompts `s.prompt`, labels
   `s.ground_truth`; "scores" and extra_logs (per sample, or a scalar for all) become metrics.
 - trl: a parameter `completions`. fn(prompts=, completions=, completion_ids=, trainer_state=None,
-  **row columns, **kw) -> list of float or None. prompts are `s.prompt` (TRL's standard, not
-  conversational, format), completions `s.response`, completion_ids `s.response_ids`; every field of
-  the dataset rows is a keyword holding one value per sample (None where a row lacks it; kw wins on
-  a name clash); trainer_state is None (the engine has no HF TrainerState).
+  **row columns, **kw) -> list of float or None. As TRL's GRPOTrainer does (trl/trainer/
+  grpo_trainer.py, `is_conversational`): for a row whose `prompt` is a list of chat messages (verl's
+  schema) the prompt is that list and the completion [{"role": "assistant", "content": response}];
+  for other rows (TRL's standard format) the prompt is `s.prompt` and the completion `s.response`.
+  completion_ids are `s.response_ids`; every other field of the dataset rows ("prompt" and
+  "completion" aside, as in TRL) is a keyword holding one value per sample (None where a row lacks
+  it; kw wins on a name clash); trainer_state is None (the engine has no HF TrainerState).
 - native / native_batch (pathorl): the first parameter is `sample` / `samples`. fn(s, **kw) -> float,
   {"score": float, ...} or None; fn([s, ...], **kw) -> a list of those, where an exception instance in
   a slot fails that sample only.
 
-None means "not applicable" (TRL's convention) for native and trl rewards only; elsewhere it is a
-wrong return type. Any style may be `async def`. Only finite numbers are kept as metrics.
+None means "not applicable" (TRL's convention) for native and trl rewards only, and for trl so does
+NaN (TRL stores None as NaN and sums with nansum); elsewhere None is a wrong return type and NaN an
+error. Any style may be `async def`. Only finite numbers are kept as metrics.
 """
 
 from __future__ import annotations
@@ -81,7 +87,22 @@ def detect_style(fn: Callable[..., Any], module: Any, reference: str) -> str:
 
 
 def _extra_info(s: RewardInput) -> Any:
-    return s.extra["extra_info"] if "extra_info" in s.extra else s.extra
+    if "extra_info" not in s.extra:
+        return s.extra
+    return {} if s.extra["extra_info"] is None else s.extra["extra_info"]
+
+
+def _verl_ground_truth(s: RewardInput) -> Any:
+    reward_model = s.extra.get("reward_model")
+    return reward_model["ground_truth"] if isinstance(reward_model, dict) and "ground_truth" in reward_model \
+        else s.ground_truth
+
+
+def _trl_prompt_and_completion(s: RewardInput) -> tuple[Any, Any]:
+    chat = s.extra.get("prompt")
+    if isinstance(chat, list):
+        return chat, [{"role": "assistant", "content": s.response}]
+    return s.prompt, s.response
 
 
 def _easyr1_input(s: RewardInput) -> dict[str, Any]:
@@ -95,7 +116,7 @@ def invoke(style: str, fn: Callable[..., Any], samples: list[RewardInput], kwarg
     if style == "native":
         return fn(s, **kwargs)
     if style == "verl":
-        return fn(data_source=s.data_source, solution_str=s.response, ground_truth=s.ground_truth,
+        return fn(data_source=s.data_source, solution_str=s.response, ground_truth=_verl_ground_truth(s),
                   extra_info=_extra_info(s), **kwargs)
     if style == "easyr1_sequential":
         return fn(_easyr1_input(s), **kwargs)
@@ -103,7 +124,7 @@ def invoke(style: str, fn: Callable[..., Any], samples: list[RewardInput], kwarg
         return fn(list(samples), **kwargs)
     if style == "verl_batch":
         return fn(data_sources=[x.data_source for x in samples], solution_strs=[x.response for x in samples],
-                  ground_truths=[x.ground_truth for x in samples], extra_infos=[_extra_info(x) for x in samples],
+                  ground_truths=[_verl_ground_truth(x) for x in samples], extra_infos=[_extra_info(x) for x in samples],
                   **kwargs)
     if style == "easyr1_batch":
         return fn([_easyr1_input(x) for x in samples], **kwargs)
@@ -111,11 +132,12 @@ def invoke(style: str, fn: Callable[..., Any], samples: list[RewardInput], kwarg
         return fn(queries=[x.prompt + x.response for x in samples], prompts=[x.prompt for x in samples],
                   labels=[x.ground_truth for x in samples], **kwargs)
     if style == "trl":
-        reserved = {"prompts", "completions", "completion_ids", "trainer_state"}
+        reserved = {"prompts", "completions", "completion_ids", "trainer_state", "prompt", "completion"}
         keys = sorted({k for x in samples for k in x.extra} - reserved)
         columns = {k: [x.extra.get(k) for x in samples] for k in keys}
-        return fn(prompts=[x.prompt for x in samples], completions=[x.response for x in samples],
-                  completion_ids=[x.response_ids for x in samples], trainer_state=None, **{**columns, **kwargs})
+        prompts, completions = zip(*map(_trl_prompt_and_completion, samples))
+        return fn(prompts=list(prompts), completions=list(completions), completion_ids=[x.response_ids for x in samples],
+                  trainer_state=None, **{**columns, **kwargs})
     raise ValueError(f"unknown reward style {style!r}")
 
 
@@ -155,6 +177,8 @@ def coerce(style: str, raw: Any) -> tuple[float | None, dict[str, float]]:
     """(score, metrics) from one sample's return value; raises ReturnTypeError or NonFiniteScore."""
     if isinstance(raw, BaseException):
         raise raw
+    if style == "trl" and isinstance(raw, float) and math.isnan(raw):
+        raw = None  # TRL turns None into NaN and skips NaN (nansum): the two mean the same there
     if raw is None:
         if style in NONE_ALLOWED:
             return None, {}

@@ -128,6 +128,7 @@ def test_aggregation_is_independent_of_the_split(mode):
     n_tokens, n_seqs, max_len = sum(lengths), len(lengths), 12
     want = {"token_mean": sum(l.sum() for l in losses) / n_tokens,
             "seq_mean_token_mean": sum(l.mean() for l in losses) / n_seqs,
+            "seq_mean_token_sum": sum(l.sum() for l in losses) / n_seqs,
             "seq_mean_token_sum_norm": sum(l.sum() for l in losses) / (n_seqs * max_len)}[mode]
     for split in ([8], [2, 2, 2, 2], [1, 3, 4], [5, 3]):
         total, start = 0.0, 0
@@ -148,8 +149,24 @@ def test_kl_estimators():
     assert torch.allclose(A.kl_estimate(delta, ref, "k2"), 0.5 * delta ** 2)
     k3 = A.kl_estimate(delta, ref, "k3")
     assert torch.allclose(k3[:3], torch.exp(-delta[:3]) + delta[:3] - 1)
-    assert k3[3] == pytest.approx(math.exp(20.0) - 31.0) and torch.isfinite(k3).all()  # exponent clamped
+    assert k3[3] == 10.0  # verl's low_var_kl: Δ clamped to ±20, the estimate to [−10, 10]
     assert (k3 >= 0).all()
+
+
+@pytest.mark.parametrize("delta", [-math.inf, -50.0, -25.0, -10.0, -3.0, -2.0, 0.3, 5.0, 11.0, 12.0, 20.0, 25.0,
+                                   math.inf])
+def test_k3_is_verls_low_var_kl(delta):
+    """k3 value and gradient against verl's `kl_penalty(..., "low_var_kl")`, transcribed in fp64 (kl =
+    clamp(ref − logp, ±20); clamp(exp(kl) − kl − 1, ±10)); the gradient of the clamped estimate by
+    hand: ∂/∂logp = 1 − exp(−Δ) where neither clamp binds, else 0. Never negative, never infinite."""
+    logp = torch.tensor([delta], dtype=torch.float64, requires_grad=True)
+    ours = A.kl_estimate(logp, torch.zeros(1, dtype=torch.float64), "k3")
+    kl = max(-20.0, min(20.0, -delta))
+    want = max(-10.0, min(10.0, math.exp(kl) - kl - 1))
+    assert ours.item() == pytest.approx(want, rel=1e-12)
+    ours.sum().backward()
+    free = abs(delta) < 20 and math.exp(-delta) + delta - 1 < 10
+    assert logp.grad.item() == pytest.approx(1 - math.exp(-delta) if free else 0.0, rel=1e-12, abs=1e-12)
 
 
 def test_tis_and_overlong():
@@ -164,3 +181,30 @@ def test_zero_variance_groups():
     group = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 4])
     assert A.zero_variance_groups(metric, group).tolist() == [True, True, True, False, False, True, True,
                                                               False, False, True]
+
+
+def test_bad_inputs_are_refused_by_name_and_odd_ones_handled():
+    """Inputs a caller can get wrong: integer rewards give float advantages (they were truncated to
+    integers), an empty batch gives an empty result, and mismatched shapes or meaningless clip
+    ranges, normalisers and caps raise a ValueError naming them instead of broadcasting silently."""
+    group, lengths = torch.tensor([0, 0, 0]), torch.tensor([3, 3, 3])
+    rloo = A.ADVANTAGES["rloo"](torch.tensor([1, 0, 0]), group, lengths)
+    assert rloo.is_floating_point() and torch.allclose(rloo, torch.tensor([1.0, -0.5, -0.5]))
+    assert A.ADVANTAGES["grpo"](torch.tensor([True, False, True]), group, lengths).abs().sum() > 0
+    for name in A.ADVANTAGES:
+        assert A.ADVANTAGES[name](torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)).shape == (0,)
+        with pytest.raises(ValueError, match="one length"):
+            A.ADVANTAGES[name](torch.zeros(3), torch.zeros(2, dtype=torch.long), lengths)
+    assert A.zero_variance_groups(torch.zeros(0), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="one shape"):
+        A.ppo_clip_loss(x, x, torch.ones(1), 0.2, 0.2)
+    for lo, hi, dual in ((-0.5, 0.2, None), (1.5, 0.2, None), (0.2, -0.1, None), (0.2, 0.2, 0.5), (0.2, 0.2, -1.0)):
+        with pytest.raises(ValueError, match="clip_low"):
+            A.ppo_clip_loss(x, x, x, lo, hi, dual)
+    index, seq_lengths = torch.tensor([0, 0, 1]), torch.tensor([2, 1])
+    for num_seqs, num_tokens, index_ in ((0, 3, index), (2, 0, index), (2, -5, index), (2, 3, torch.tensor([0, 0, 2]))):
+        with pytest.raises(ValueError, match="token_weights"):
+            A.token_weights("token_mean", index_, seq_lengths, num_seqs, num_tokens, 4)
+    with pytest.raises(ValueError, match="cap"):
+        A.tis_weights(x, x, 0.0)

@@ -53,6 +53,13 @@ def test_bad_keys_and_types_name_the_field(override, message):
     (["data.check_rows=-1"], ["data.check_rows"]),
     (["rollout.max_staleness=2", "algorithm.tis_cap=2"], ["rollout.max_staleness"]),
     (["rollout.max_staleness=1"], ["rollout.max_staleness", "algorithm.tis_cap"]),
+    # NaN passes every `<` check; each of these once slipped through and trained with NaN weights,
+    # no dual clip, no TIS cap or an overlong bonus.
+    (["algorithm.tis_cap=.nan", "algorithm.dual_clip=.nan", "algorithm.clip_low=.nan"],
+     ["algorithm.tis_cap must be a finite", "algorithm.dual_clip must be a finite", "algorithm.clip_low must be a finite"]),
+    (["algorithm.tis_cap=.inf", "algorithm.kl_loss_coef=.nan", "learner.betas=[0.9, .nan]"],
+     ["algorithm.tis_cap must be a finite", "algorithm.kl_loss_coef must be a finite", "learner.betas[1]"]),
+    (["algorithm.overlong_factor=-1.0"], ["algorithm.overlong_factor"]),
 ])
 def test_impossible_combinations_fail_at_start(overrides, fields):
     with pytest.raises(ConfigError) as err:

@@ -186,6 +186,49 @@ def test_extra_info_reaches_a_verl_reward(tmp_path, datasets, processor, demo):
     assert batch.components["acc"] == [float(d["answer"] == "A") for d in demo[:3]]
 
 
+def test_verl_rows_as_verl_and_trl_hand_them_to_rewards(tmp_path, demo, datasets, processor):
+    """What verl's NaiveRewardManager and rl_dataset pass (reward_model.ground_truth as stored, {}
+    for a null extra_info) and what TRL's GRPOTrainer passes for a chat prompt (the messages, and
+    [{"role": "assistant", "content": …}] completions, the "prompt" column left out): a parquet whose
+    ground truths are numbers (a float column, as nulls make it), ids partly null, extra_info partly
+    null and, in a second file, stored as an Arrow map."""
+    image = {"bytes": None, "path": str(datasets["verl + easyr1 jsonl, paths"].parent / "images" /
+                                         os.path.basename(demo[0]["images"][0]))}
+    rows = [{**_verl(demo[0], image), "reward_model": {"style": "rule", "ground_truth": truth}, "id": uid,
+             "extra_info": info} for truth, uid, info in ((42.0, "a", {"split": "train"}), (None, None, None),
+                                                          (7.5, None, None))]
+    rows[1]["reward_model"]["ground_truth"] = 3.0
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert pa.parquet.read_schema(path).field("id").type == pa.string()
+    loaded, skipped = load_rows(str(path))
+    assert skipped == [] and [r["id"] for r in loaded] == ["a", f"{path}:row 1", f"{path}:row 2"]
+    assert [r["answer"] for r in loaded] == ["42", "3", "7.5"]  # integral floats as integers
+    (tmp_path / "rewards.py").write_text(
+        "def verl_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    assert isinstance(extra_info, dict), extra_info\n"
+        "    return float(int(solution_str) == ground_truth) + (0.5 if extra_info else 0.0)\n"
+        "def trl_reward(prompts, completions, **kwargs):\n"
+        "    assert 'prompt' not in kwargs and all(p[-1]['role'] == 'user' for p in prompts)\n"
+        "    return [float(c[0]['role'] == 'assistant' and c[0]['content'] == '42') for c in completions]\n")
+    prompts = [PromptBuilder(processor, "", 512).build(row) for row in loaded]
+    inputs = [RewardInput.from_row(k, {key: v for key, v in p.row.items() if not key.startswith("_")}, "42")
+              for k, p in enumerate(prompts)]
+    specs = [RewardSpec("verl", f"{tmp_path}/rewards.py:verl_score"), RewardSpec("trl", f"{tmp_path}/rewards.py:trl_reward")]
+    with RewardRunner(specs, num_workers=1) as runner:
+        batch = runner.score(inputs)
+    assert batch.errors == []
+    assert batch.components["verl"] == [1.5, 0.0, 0.0] and batch.components["trl"] == [1.0, 1.0, 1.0]
+    schema = pa.schema([("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+                        ("reward_model", pa.struct([("ground_truth", pa.string())])),
+                        ("extra_info", pa.map_(pa.string(), pa.string()))])
+    pq.write_table(pa.Table.from_pylist([{**rows[0], "reward_model": {"ground_truth": "A"},
+                                          "extra_info": [("split", "train")]}], schema=schema), tmp_path / "map.parquet")
+    loaded, skipped = load_rows(str(tmp_path / "map.parquet"))
+    assert skipped == [] and loaded[0]["extra_info"] == {"split": "train"}
+
+
 # ---- bad input: file, row and column named ----
 
 def test_parquet_column_of_the_wrong_type(tmp_path):
@@ -214,6 +257,7 @@ def test_bad_rows_name_file_row_and_column(tmp_path, demo, datasets):
         ({**verl, "prompt": "<image>Q"}, "column 'prompt' must be a non-empty list of {role, content} messages"),
         ({**verl, "extra_info": [1]}, "column 'extra_info' must be an object"),
         ({**easyr1, "answer": ["A", "B"]}, "column 'answer' must be a non-empty string or a number"),
+        ({**easyr1, "answer": float("nan")}, "column 'answer' must be a non-empty string or a finite number"),
         ({**easyr1, "images": ["nope.png"]}, "images[0]: image"),
     ]
     path = tmp_path / "bad.jsonl"

@@ -293,18 +293,19 @@ def test_minus_inf_bias_on_the_hidden_path(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("delta", [-30.0, -1.0, 30.0])
+@pytest.mark.parametrize("delta", [-30.0, -3.0, -1.0, 5.0, 30.0])
 def test_k3_clamp(backend, delta):
     """Hand-derived: two equal logits give logp = log ½ and ∂logp/∂logits = (½, −½) for target 0.
-    k3 = exp(clamp(−Δ, ±20)) + Δ − 1, so ∂k3/∂logp = 1 − exp(−Δ) inside the clamp and 1 outside."""
+    k3 = clamp(exp(−d) + d − 1, ±10) with d = clamp(Δ, ±20) (verl's low_var_kl), so
+    ∂k3/∂logp = 1 − exp(−Δ) where no clamp binds and 0 where one does."""
     logits = torch.zeros(1, 2, requires_grad=True)
     ref_logprobs = torch.tensor([math.log(0.5) - delta])
     _, _, kl = kernels.logprobs_from_logits(logits, torch.tensor([0]), ref_logprobs=ref_logprobs, kl="k3",
                                             backend=backend)
     kl.sum().backward()
-    exponent = max(-20.0, min(20.0, -delta))
-    assert kl.item() == pytest.approx(math.exp(exponent) + delta - 1, rel=1e-6)
-    slope = 1.0 if abs(delta) > 20 else 1 - math.exp(-delta)
+    d = max(-20.0, min(20.0, delta))
+    assert kl.item() == pytest.approx(min(10.0, math.exp(-d) + d - 1), rel=1e-6)
+    slope = 1 - math.exp(-delta) if abs(delta) < 20 and math.exp(-delta) + delta - 1 < 10 else 0.0
     torch.testing.assert_close(logits.grad, torch.tensor([[0.5 * slope, -0.5 * slope]]))
 
 

@@ -105,8 +105,8 @@ def test_off_policy_loss_matches_the_formulas(ray_session, tiny_model, batch):
             if a < 0:
                 loss = min(loss, -dual * a)
             loss *= min(math.exp(old[t] - rollout[t]), cap)
-            delta = float(logp[t] - ref[t])
-            loss += beta * (math.exp(-delta) + delta - 1) - ent * float(entropy[t])
+            delta = max(-20.0, min(20.0, float(logp[t] - ref[t])))   # verl's low_var_kl clamps
+            loss += beta * min(10.0, math.exp(-delta) + delta - 1) - ent * float(entropy[t])
             per_token.append(loss)
         total += sum(per_token) / len(per_token) / len(seqs)   # sample-level: token mean, then sequence mean
     assert abs(sum(ratios) / n_tokens - 1) > 1e-3, "the carried sequences trained on-policy (ratio 1)"

@@ -83,7 +83,7 @@ def kinds(batch):
     return sorted((e.reward, e.index, e.kind) for e in batch.errors)
 
 
-def test_exception_nan_inf_wrong_type_are_recorded_and_excluded(faulty):
+def test_exception_nan_inf_wrong_type_are_recorded_and_excluded(faulty, caplog):
     specs = [RewardSpec("acc", "mc_accuracy")] + [RewardSpec(n, f"{faulty}:{n}") for n in ("boom", "nan", "inf",
                                                                                           "wrong_type")]
     # The response holds code: it is only ever data for the rewards.
@@ -99,6 +99,15 @@ def test_exception_nan_inf_wrong_type_are_recorded_and_excluded(faulty):
     assert batch.components["nan"] == [1.0, None, 1.0, 1.0]
     assert batch.metrics["inf/extra"] == [3.0, None, 3.0, 3.0]
     assert batch.summary()["reward/errors"] == 4.0
+    # What the run's log shows (engine/sampler.py calls this on every scored batch): each failure
+    # with its reward, its kind and the message, not only a count.
+    from engine.sampler import log_reward_errors
+
+    with caplog.at_level("WARNING", logger="pathorl.sampler"):
+        log_reward_errors(batch.errors, 4, most=3)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == f"reward 'boom' failed on 1 of 4 samples (exception): {boom.message}"
+    assert len(lines) == 4 and "1 more distinct" in lines[3]
 
 
 def test_hung_call_is_killed_worker_replaced_and_run_continues(faulty):
