@@ -176,7 +176,7 @@ class PromptBuilder:
 
     def messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         schema = row.get("_schema")
-        if schema == "verl":
+        if schema in ("verl", "trl"):
             return row["_chat"]
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         if schema == "easyr1":

@@ -1,7 +1,8 @@
 """One training or validation row, in any schema the engine accepts, → the row it serves.
 
 Recognised per row by its keys, so one file may mix them: verl when the row has `reward_model` or a
-chat-list `prompt`, EasyR1 when it has `problem` and no `question`, else pathorl.
+chat-list `prompt` (TRL when that chat list comes with `solution` or `answer` and no
+`reward_model`), EasyR1 when it has `problem` and no `question`, else pathorl.
 
     pathorl  {"question", "options"?, "images", "answer", "id"?, "data_source"?, …}: README's
              "Dataset schema"; the prompt is built from question and options (engine/data.py).
@@ -9,6 +10,10 @@ chat-list `prompt`, EasyR1 when it has `problem` and no `question`, else pathorl
              "data_source", "extra_info"?, …}: what verl's preprocessing scripts write (e.g.
              examples/data_preprocess/geo3k.py) and verl/utils/dataset/rl_dataset.py reads; every
              `<image>` in a message takes the next of `images`. The chat list is the prompt, as given.
+    TRL      {"prompt": [{"role", "content": [{"type": "image"}, {"type": "text", "text"}]}], "images"?
+             or "image"?, "solution" (or "answer"), …}: TRL's conversational prompt-only rows for
+             GRPOTrainer (its docs' vision datasets), read as verl's with the ground truth taken from
+             `solution` (TRL's accuracy_reward reads that column) or `answer`.
     EasyR1   {"problem", "answer", "images"?}: EasyR1's default columns (examples/config.yaml:
              prompt_key problem, answer_key answer, image_key images; read by
              verl/utils/dataset.py); `problem` is the user turn, `<image>` placeholders in place.
@@ -128,9 +133,14 @@ def _verl(raw: dict[str, Any], where: str, base_dir: str) -> dict[str, Any]:
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: column 'prompt' has no user message")
     reward_model = raw.get("reward_model")
-    if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
-        raise DataError(f"{where}: column 'reward_model' must hold the 'ground_truth' (verl's schema), got "
-                        f"{reward_model!r:.100}")
+    trl_truth = next((c for c in ("solution", "answer") if c in raw), None) if "reward_model" not in raw else None
+    if trl_truth is not None:
+        truth, column, schema = raw[trl_truth], f"column {trl_truth!r}", "trl"
+    elif isinstance(reward_model, dict) and "ground_truth" in reward_model:
+        truth, column, schema = reward_model["ground_truth"], "column 'reward_model': 'ground_truth'", "verl"
+    else:
+        raise DataError(f"{where}: column 'reward_model' must hold the 'ground_truth' (verl's schema; a TRL row "
+                        f"holds it in 'solution' or 'answer'), got {reward_model!r:.100}")
     extra_info = raw.get("extra_info")
     if isinstance(extra_info, list) and all(isinstance(p, tuple) and len(p) == 2 for p in extra_info):
         extra_info = dict(extra_info)  # an Arrow map column reads as (key, value) pairs
@@ -141,8 +151,7 @@ def _verl(raw: dict[str, Any], where: str, base_dir: str) -> dict[str, Any]:
     if "extra_info" in raw:
         row["extra_info"] = extra_info
     row.update(images=_resolved(refs, where, base_dir), question=_user_text(messages), options=[],
-               answer=_ground_truth(reward_model["ground_truth"], where, "column 'reward_model': 'ground_truth'"),
-               _schema="verl", _chat=messages)
+               answer=_ground_truth(truth, where, column), _schema=schema, _chat=messages)
     return row
 
 

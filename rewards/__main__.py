@@ -3,9 +3,12 @@
     python -m rewards check path/to/file.py:fn --rows rows.jsonl --responses responses.jsonl [--json]
     python -m rewards check mc_accuracy --rows rows.jsonl --responses responses.jsonl
 
-rows.jsonl: the engine's dataset rows ({"id", "images", "question", "options", "answer", "data_source",
-...}; image paths relative to the file's folder are made absolute). responses.jsonl: one JSON object
-per line, aligned with the rows, with "response" (text) and optionally "response_ids",
+rows.jsonl: dataset rows in the engine's schema ({"id", "images", "question", "options", "answer",
+"data_source", ...}), verl's ({"prompt": [{"role", "content"}], "reward_model": {"ground_truth"},
+"extra_info", ...}), TRL's ({"prompt": [...], "solution", ...}) or EasyR1's ({"problem", "answer",
+...}), handed to the reward as in training (a verl reward gets reward_model.ground_truth and
+extra_info as stored); image paths relative to the file's folder are made absolute.
+responses.jsonl: one JSON object per line, aligned with the rows, with "response" (text) and optionally "response_ids",
 "response_length", "truncated". Prints each sample's score and extra metrics, every error, and the
 timing; with --json, one JSON object per sample ({"index", "id", "score", "error", "metrics"}) and the
 summary on stderr. Exit status: 0 without errors, 1 if any sample failed, 2 on bad input.
@@ -37,6 +40,26 @@ def _read_jsonl(path: str, what: str) -> list[dict]:
     return rows
 
 
+def _engine_fields(row: dict, where: str) -> dict:
+    """A verl or EasyR1 row with the `question` (user text) and string `answer` the engine serves it
+    with (engine/row_schemas.py does this for runs; rewards/ does not import the engine)."""
+    if "reward_model" in row or isinstance(row.get("prompt"), list):
+        truth = (row.get("reward_model") or {}).get("ground_truth") if "reward_model" in row \
+            else row.get("solution", row.get("answer"))  # TRL's conversational rows
+        chat = row.get("prompt") if isinstance(row.get("prompt"), list) else []
+        contents = [m.get("content") for m in chat if isinstance(m, dict) and m.get("role") == "user"]
+        texts = [c if isinstance(c, str) else "".join(p.get("text") or "" for p in c if isinstance(p, dict))
+                 for c in contents if isinstance(c, (str, list))]
+        question = "\n".join(t.replace("<image>", "") for t in texts)
+    elif "problem" in row and "question" not in row:
+        truth, question = row.get("answer"), str(row["problem"]).replace("<image>", "")
+    else:
+        return row
+    if isinstance(truth, bool) or not isinstance(truth, (str, int, float)) or truth != truth or truth == "":
+        raise ValueError(f"{where}: the ground truth must be a non-empty string or a number, got {truth!r:.80}")
+    return {**row, "question": question, "options": [], "answer": str(truth)}
+
+
 def load_inputs(rows_path: str, responses_path: str) -> list[RewardInput]:
     """RewardInputs from a rows file and an aligned responses file (see the module docstring)."""
     rows, responses = _read_jsonl(rows_path, "rows"), _read_jsonl(responses_path, "responses")
@@ -48,7 +71,8 @@ def load_inputs(rows_path: str, responses_path: str) -> list[RewardInput]:
         if not isinstance(reply.get("response"), str):
             raise ValueError(f"responses {responses_path}, object {k + 1}: 'response' must be a string")
         if isinstance(row.get("images"), list):
-            row = {**row, "images": [str(folder / p) for p in row["images"]]}
+            row = {**row, "images": [str(folder / p) if isinstance(p, str) else p for p in row["images"]]}
+        row = _engine_fields(row, f"rows {rows_path}, line {k + 1}")
         inputs.append(RewardInput.from_row(k, row, reply["response"], reply.get("response_ids"),
                                            reply.get("response_length"), bool(reply.get("truncated", False))))
     return inputs
@@ -89,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("check", help="score responses with one reward and report every error")
     sub.add_argument("reward", help="a built-in name or path/to/file.py:function")
-    sub.add_argument("--rows", required=True, help="dataset rows (jsonl, the engine's schema)")
+    sub.add_argument("--rows", required=True, help="dataset rows (jsonl: the engine's, verl's or EasyR1's schema)")
     sub.add_argument("--responses", required=True, help="responses (jsonl, aligned with the rows)")
     sub.add_argument("--json", action="store_true", help="one JSON object per sample on stdout")
     sub.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the reward")

@@ -1,4 +1,4 @@
-"""Training data in the ecosystem's formats, read lazily: verl-schema and EasyR1-schema rows (parquet,
+"""Training data in the ecosystem's formats, read lazily: verl-, TRL- and EasyR1-schema rows (parquet,
 a Hugging Face save_to_disk folder, parquet shards, jsonl) made from the demo rows give the prompts,
 token ids and ground truths of the demo jsonl; images as bytes and as paths; extra_info reaches a
 verl reward; bad inputs are named by file, row and column; memory stays bounded on a large dataset."""
@@ -60,6 +60,14 @@ def _verl(row: dict, image) -> dict:
             "extra_info": {"split": "train", "index": int(row["id"].rsplit("-", 1)[1]), "question": row["question"]}}
 
 
+def _trl(row: dict, image) -> dict:
+    """A row of a TRL GRPOTrainer vision dataset: a conversational prompt with an image part, the
+    image in its own column, the ground truth in `solution` (what TRL's accuracy_reward reads)."""
+    return {"prompt": [{"role": "system", "content": [{"type": "text", "text": PATHO_R1_SYSTEM_PROMPT}]},
+                       {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _user_text(row)}]}],
+            "image": image, "solution": row["answer"]}
+
+
 def _easyr1(row: dict, image) -> dict:
     return {"problem": "<image>" + _user_text(row), "answer": row["answer"], "images": [image]}
 
@@ -103,6 +111,8 @@ def datasets(tmp_path_factory, demo, demo_data):
         for k, (r, p) in enumerate(zip(demo, as_paths)):
             f.write(json.dumps(_verl(r, p) if k % 2 else _easyr1(r, p)) + "\n")
     out["verl + easyr1 jsonl, paths"] = tmp / "mixed.jsonl"
+    pq.write_table(pa.Table.from_pylist([_trl(r, b) for r, b in zip(demo, structs)]), tmp / "trl.parquet")
+    out["trl parquet, image column"] = tmp / "trl.parquet"
     return out
 
 
@@ -127,7 +137,8 @@ def test_demo_jsonl_matches_the_independent_prompts(demo_data, processor, expect
 
 
 @pytest.mark.parametrize("kind", ["verl parquet, image structs", "easyr1 parquet, paths", "easyr1 save_to_disk, bytes",
-                                  "verl parquet shards, absolute paths", "verl + easyr1 jsonl, paths"])
+                                  "verl parquet shards, absolute paths", "verl + easyr1 jsonl, paths",
+                                  "trl parquet, image column"])
 def test_ecosystem_rows_give_the_demo_prompts(kind, datasets, processor, expected):
     rows, skipped = load_rows(str(datasets[kind]))
     assert skipped == [] and len(rows) == N
@@ -184,6 +195,20 @@ def test_extra_info_reaches_a_verl_reward(tmp_path, datasets, processor, demo):
     assert batch.errors == []
     assert batch.metrics["acc/index"] == [float(d["id"].rsplit("-", 1)[1]) for d in demo[:3]]
     assert batch.components["acc"] == [float(d["answer"] == "A") for d in demo[:3]]
+
+
+def test_trl_rows_reach_a_trl_reward_as_in_trl(datasets, processor, demo, tmp_path):
+    """TRL's accuracy_reward pattern: completions as message lists, the `solution` column as a keyword."""
+    rows, _ = load_rows(str(datasets["trl parquet, image column"]))
+    prompts = [PromptBuilder(processor, "", 512).build(row) for row in rows]
+    inputs = [RewardInput.from_row(k, {key: v for key, v in p.row.items() if not key.startswith("_")}, "A")
+              for k, p in enumerate(prompts)]
+    (tmp_path / "trl_accuracy.py").write_text(
+        "def accuracy_reward(completions, solution, **kwargs):\n"
+        "    return [float(c[0]['content'] == s) for c, s in zip(completions, solution)]\n")
+    with RewardRunner([RewardSpec("acc", f"{tmp_path}/trl_accuracy.py:accuracy_reward")], num_workers=1) as runner:
+        batch = runner.score(inputs)
+    assert batch.errors == [] and batch.components["acc"] == [float(d["answer"] == "A") for d in demo]
 
 
 def test_verl_rows_as_verl_and_trl_hand_them_to_rewards(tmp_path, demo, datasets, processor):

@@ -68,3 +68,24 @@ def test_check_bad_input_exits_2(tmp_path):
     write(tmp_path)
     result = run(tmp_path, "my_reward.py:missing")
     assert result.returncode == 2 and "has no function 'missing'" in result.stderr
+
+
+def test_check_verl_and_easyr1_rows_as_in_training(tmp_path):
+    """A verl reward on verl rows gets reward_model.ground_truth as stored (an int) and extra_info;
+    an EasyR1 row's problem and answer serve as question and ground truth; image structs pass."""
+    rows = [{"prompt": [{"role": "user", "content": "<image>How many mitoses?"}], "data_source": "counts",
+             "images": [{"bytes": None, "path": "img/a.png"}], "reward_model": {"ground_truth": 3},
+             "extra_info": {"split": "val"}},
+            {"problem": "<image>How many mitoses?", "answer": 4, "images": ["img/b.png"]}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "responses.jsonl").write_text(json.dumps({"response": "3"}) + "\n" + json.dumps({"response": "4"}) + "\n")
+    (tmp_path / "count.py").write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    return float(str(int(solution_str)) == str(ground_truth)) + (0.5 if extra_info.get('split') == 'val' else 0)\n")
+    result = run(tmp_path, "count.py:compute_score", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["score"] for line in result.stdout.splitlines()] == [1.5, 1.0]
+    (tmp_path / "rows.jsonl").write_text(json.dumps({**rows[0], "reward_model": {"ground_truth": None}}) + "\n")
+    (tmp_path / "responses.jsonl").write_text(json.dumps({"response": "3"}) + "\n")
+    result = run(tmp_path, "count.py:compute_score")
+    assert result.returncode == 2 and "line 1: the ground truth must be" in result.stderr
