@@ -220,15 +220,19 @@ class AlgorithmConfig:
     loss_agg: str = "seq_mean_token_mean"
     """Loss aggregation (verl's agg_loss modes, with underscores): "token_mean" (DAPO, global token
     count), "seq_mean_token_mean" (GRPO), "seq_mean_token_sum" or "seq_mean_token_sum_norm"
-    (Dr.GRPO)."""
+    (Dr.GRPO). The default is the GRPO paper's sample-level mean; verl's actor and TRL default to
+    the token mean ("token_mean")."""
     kl_estimator: str = "k3"
-    """KL estimator to the reference model: "k1", "k2" or "k3"."""
+    """KL estimator to the reference model: "k1", "k2" or "k3" (verl's low_var_kl), used by both KL
+    terms (verl has two settings: kl_loss_type, default low_var_kl, for the loss, and kl_penalty,
+    default "kl" = k1, for the reward; set "k1" here to match the latter)."""
     kl_loss_coef: float = 0.0
     """β of the KL term added to the loss (GRPO); 0 disables it."""
     kl_reward_coef: float = 0.0
     """β of the KL subtracted from the reward (PPO style); 0 disables it."""
     entropy_coef: float = 0.0
-    """Entropy bonus coefficient (entropy is always logged)."""
+    """Entropy bonus coefficient: the loss subtracts entropy_coef·H (negative: an entropy penalty);
+    entropy is always logged."""
     overlong_buffer: int = 0
     """DAPO overlong shaping: penalise responses longer than max_new_tokens − buffer linearly, −factor
     at the limit; 0 disables it."""

@@ -255,7 +255,7 @@ class Learner:
                 stats["kl"] = kl
                 if algo["kl_loss_coef"] > 0:
                     loss_t = loss_t + algo["kl_loss_coef"] * kl
-            if algo["entropy_coef"] > 0:
+            if algo["entropy_coef"] != 0:  # negative: an entropy penalty, as verl applies any non-zero value
                 loss_t = loss_t - algo["entropy_coef"] * entropy.float()
             w = A.token_weights(algo["loss_agg"], seq_index, lengths, shard.num_seqs, shard.num_tokens,
                                 self.max_response_len).to(dev, torch.float32)

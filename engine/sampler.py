@@ -241,8 +241,7 @@ class GroupSampler:
             self._collect(timer, inflight, out, need)
         while inflight:  # groups already generating finish under the current weights and carry over
             self._collect(timer, inflight, out, need)
-        if cfg.rollout.max_staleness:
-            self._expire(out)
+        self._expire(out)
         for g in out.seen:  # every scored group: the all-right and all-wrong ones are those to skip
             accuracy = g.components.get(cfg.algorithm.filter_metric, [])
             self.stream.record_pass_rate(g.prompt.uid, [a for a in accuracy if a is not None])
@@ -277,9 +276,10 @@ class GroupSampler:
                 st.tokens_dropped += g.response_tokens
 
     def _expire(self, out: StepRollout) -> None:
-        """rollout.max_staleness=1: drops carried groups generated before this step, which the next
-        step would train two updates after their policy (only when more groups carry than a step
-        trains: `prefetch` leaves room for the carried ones)."""
+        """Drops carried groups generated before this step, which the next step would train two
+        updates after their policy: no group trains more than one update stale. This happens only
+        when more groups carry over than a step trains (synchronous dynamic sampling after its keep
+        rate jumps; with rollout.max_staleness=1 `prefetch` leaves room for the carried ones)."""
         stale = {id(g) for g in self.carry if g.step < self._step}
         if not stale:
             return
@@ -288,8 +288,8 @@ class GroupSampler:
         out.carried = [g for g in out.carried if id(g) not in stale]
         self.carry = [g for g in self.carry if id(g) not in stale]
         self.stats.groups_expired += len(stale)
-        log.warning("sampling: %d carried groups dropped: with rollout.max_staleness=1 they would train two updates "
-                    "after the policy that generated them", len(stale))
+        log.warning("sampling: %d carried groups dropped: they would train two updates after the policy that "
+                    "generated them", len(stale))
 
     def prefetch(self) -> None:
         """rollout.max_staleness=1, once the step's sampling is done: submits the next step's prompts

@@ -12,7 +12,8 @@ Row formats, recognised per row by their keys (jsonl, or parquet with images as 
                {"type": "image_url", "image_url": {"url"}}; an image part without its own image takes
                the next of `images`, and `<image>` in string content does the same (LLaMA-Factory).
     TRL        {"prompt", "completion"} (TRL's prompt-completion type): both message lists
-               (conversational; the completion's assistant turns are the targets) or both strings
+               (conversational; the completion's assistant turns are the targets, any in the prompt
+               context only, as TRL's completion_only_loss) or both strings
                (standard; the prompt is the user turn), with `images` as for `messages`.
     caption    {"image"|"images", "caption"}: continued pre-training; the user turn is the image(s)
                and `sft.caption_instruction`, the caption is the target.
@@ -58,6 +59,9 @@ class Conversation:
     messages: list[dict[str, Any]]
     images: list[Any]
     data_source: str = ""
+    first_target: int = 0
+    """Assistant turns from this message on are targets; earlier ones are context (the `prompt` of
+    a TRL prompt-completion row: TRL's completion_only_loss masks the whole prompt)."""
 
 
 @dataclass
@@ -110,6 +114,10 @@ def _chat(turns: list[tuple[str, Any]], where: str, pending: list[Any]) -> tuple
     messages, images = to_messages(turns, where, pending)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn (nothing to train on)")
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and not "".join(p.get("text") or "" for p in m["content"]).strip():
+            raise DataError(f"{where}: turn {k}: the assistant turn is empty (it would teach the model to stop "
+                            "at once)")
     return messages, images
 
 
@@ -120,6 +128,7 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     pending = _row_images(row, where)
+    first_target = 0
     if "conversations" in row:
         turns = row["conversations"]
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
@@ -146,8 +155,9 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
         elif isinstance(prompt, list) and isinstance(completion, list) and all(
                 isinstance(t, dict) for t in prompt + completion):
             turns = [(ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in prompt + completion]
-            if any(t.get("role") != "assistant" for t in completion):
-                raise DataError(f"{where}: every turn of 'completion' must be an assistant turn")
+            if not completion or any(t.get("role") != "assistant" for t in completion):
+                raise DataError(f"{where}: 'completion' must be one or more assistant turns")
+            first_target = len(prompt)
         else:
             raise DataError(f"{where}: 'prompt' and 'completion' must both be strings or both be message lists")
         messages, images = _chat(turns, where, pending)
@@ -177,8 +187,8 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
         raise DataError(f"{where}: no known format: expected 'conversations' (ShareGPT), 'messages' (OpenAI), "
                         f"'prompt' + 'completion' (TRL), 'caption' (image-caption pairs) or 'response' (our "
                         f"schema); keys are {sorted(row)}")
-    return Conversation(uid=str(row.get("id", where)), where=where, messages=messages, images=images,
-                        data_source=str(row.get("data_source") or ""))
+    return Conversation(uid=where if row.get("id") is None else str(row["id"]), where=where, messages=messages, images=images,
+                        data_source=str(row.get("data_source") or ""), first_target=first_target)
 
 
 def _char_weights(text: str, start: int, end: int, segment_weights: dict[str, float], where: str) -> list[float]:
@@ -227,7 +237,7 @@ class ExampleBuilder:
         text = self._render(conv.messages)
         weights = [0.0] * len(text)
         for i, m in enumerate(conv.messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < conv.first_target:
                 continue
             before = self._render(conv.messages[:i], add_generation_prompt=True)
             upto = self._render(conv.messages[: i + 1])

@@ -15,7 +15,10 @@ the GEMM that makes it to the passes that reduce it:
   backward  the tile is recomputed, turned into ∂loss/∂z in place, and goes straight into the two
             gradient GEMMs (∂hidden += ∂z · W_tile, ∂W_tile += ∂zᵀ · hidden); the target's
             one-hot term is added after the tiles, as a gather and an index_add.
-8·N·H·V FLOPs in all, as in the Triton kernel. Measured on the demo's head, forward + backward:
+8·N·H·V FLOPs in all, as in the Triton kernel. When a backward will follow and the pass's logits
+fit in `CACHE_BYTES`, the forward also writes each tile to a [N, V] buffer that the backward reads
+instead of recomputing it: at a small hidden size (the demo's H = 128) the GEMM costs ~2× what
+streaming its output through memory does, so this saves ~10–15% of forward + backward there. Measured on the demo's head, forward + backward:
 1.6× the reference at 576 tokens, 2.0× at 2,048 (BENCHMARKS.md, "Re-measured with the
 vocabulary-tiled CPU log-prob path").
 
@@ -32,6 +35,9 @@ TILE_BYTES = 8 << 20
 # Rows per tile: past ~2,000 rows the vocabulary tile would shrink below a few hundred entries,
 # too thin for an efficient GEMM.
 ROW_BLOCK = 2048
+# Most bytes of fp32 logits a pass keeps for its backward (a micro-batch of ~1,700 tokens at V =
+# 151,936); a larger pass recomputes its tiles in the backward instead.
+CACHE_BYTES = 1 << 30
 
 
 def _tiles(n_rows, n_vocab):
@@ -61,10 +67,14 @@ class _LogprobsFromHiddenTiled(torch.autograd.Function):
         block, tile = _tiles(n, n_vocab)
         m = torch.full((n,), float("-inf"), device=hidden.device)
         sum_e, sum_es = torch.zeros_like(m), torch.zeros_like(m)
+        keep = any(ctx.needs_input_grad[:3]) and 4 * n * n_vocab <= CACHE_BYTES
+        ctx.logits = torch.empty(n, n_vocab, device=hidden.device) if keep else None
         for v0 in range(0, n_vocab, tile):
             for r0 in range(0, n, block):
                 r = slice(r0, r0 + block)
                 z, _ = _logits_tile(x[r], weight, bias32, v0, v0 + tile, temperature)
+                if keep:
+                    ctx.logits[r, v0:v0 + tile] = z
                 m_new = torch.maximum(m[r], z.amax(-1))
                 # The max stays -inf while a row has seen only -inf logits: shift 0 then (exp(-inf) = 0).
                 shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
@@ -109,10 +119,14 @@ class _LogprobsFromHiddenTiled(torch.autograd.Function):
         # A frozen LM head (LoRA) needs no weight gradient: one of the two gradient GEMMs is skipped.
         dweight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
         dbias = torch.zeros(n_vocab, device=x.device) if bias is not None and ctx.needs_input_grad[2] else None
+        logits, ctx.logits = ctx.logits, None
         for v0 in range(0, n_vocab, tile):
             for r0 in range(0, n, block):
                 r = slice(r0, r0 + block)
-                z, w = _logits_tile(x[r], weight, bias32, v0, v0 + tile, temperature)
+                if logits is None:
+                    z, w = _logits_tile(x[r], weight, bias32, v0, v0 + tile, temperature)
+                else:
+                    z, w = logits[r, v0:v0 + tile], weight[v0:v0 + tile].float()
                 dz = softmax_grad_without_target(z, lse_v[r], ent_v[r], g[r], None if g_ent is None else g_ent[r])
                 dx[r].addmm_(dz, w)
                 if dweight is not None:

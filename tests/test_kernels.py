@@ -61,11 +61,13 @@ def _interpreter_for_this_module():
         yield
 
 
-@pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    """Tiles of 8 rows × 16 vocabulary entries for the tiled path: several of each, a ragged last."""
+@pytest.fixture(autouse=True, params=["recomputed", "cached"])
+def _small_tiles(monkeypatch, request):
+    """Tiles of 8 rows × 16 vocabulary entries for the tiled path: several of each, a ragged last;
+    its backward recomputes them, or reads the forward's logits (every test runs both ways)."""
     monkeypatch.setattr(logprob_tiled, "ROW_BLOCK", 8)
     monkeypatch.setattr(logprob_tiled, "TILE_BYTES", 4 * 8 * 16)
+    monkeypatch.setattr(logprob_tiled, "CACHE_BYTES", 0 if request.param == "recomputed" else 1 << 30)
 
 
 VALUE_ATOL = 1e-5

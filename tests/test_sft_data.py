@@ -130,6 +130,16 @@ def test_multi_turn_multi_image_loss_only_on_assistant_spans(processor, demo_dat
     assert seq.loss_weights[-1] == 1.0 and len(seq.loss_weights) == len(seq.response_ids)
 
 
+def test_prompt_completion_trains_the_completion_only(processor, demo_data):
+    """TRL's completion_only_loss: an assistant turn inside `prompt` is context, never a target."""
+    row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Stain?"}]},
+                      {"role": "assistant", "content": "IHC"}, {"role": "user", "content": "Sure?"}],
+           "completion": [{"role": "assistant", "content": "Yes, brown DAB."}], "images": [IMAGE]}
+    ex = ExampleBuilder(processor, demo_data, {}, 4096).build(normalise(row, "pc", "", ""))
+    trained = [t for t, w in zip(ex.input_ids, ex.weights) if w > 0]
+    assert processor.tokenizer.decode(trained) == "Yes, brown DAB.<|im_end|>"
+
+
 def test_segment_weights_per_span(processor, demo_data):
     row = {"conversations": [{"from": "human", "value": "<image>Q"},
                              {"from": "gpt", "value": "<observe>brown</observe><think>so IHC</think><answer>A</answer>"}],
@@ -163,6 +173,9 @@ def test_segment_weights_per_span(processor, demo_data):
     ({"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
       "images": [{"bytes": b"not a png", "path": None}]}, {}, "cannot be decoded"),
     ({"question": "Q", "answer": "A"}, {}, "no known format"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}]}, {},
+     "turn 1: the assistant turn is empty"),
+    ({"prompt": [{"role": "user", "content": "Q"}], "completion": []}, {}, "'completion' must be one or more assistant"),
     ({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}, {}, "both be strings or both be message"),
     ({"caption": "x", "image": "https://example.org/a.png"}, {}, "remote images are not downloaded"),
 ])
