@@ -7,10 +7,12 @@ Row formats, recognised per row by their keys (jsonl, or parquet with images as 
     ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "… <image> …"}], "images",
                "system"?}: LLaVA's and LLaMA-Factory's format (Patho-R1's SFT data); one `<image>` per
                image, in order; LLaMA-Factory's `system` column becomes the system turn.
-    messages   {"messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}], "images"?}:
-               OpenAI-style; parts are {"type": "text", "text"}, {"type": "image", "image"?} or
-               {"type": "image_url", "image_url": {"url"}}; an image part without its own image takes
-               the next of `images`, and `<image>` in string content does the same (LLaMA-Factory).
+    messages   {"messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}], "images"?,
+               "system"?}: OpenAI-style; parts are {"type": "text", "text"}, {"type": "image", "image"?}
+               or {"type": "image_url", "image_url": {"url"}}; an image part without its own image
+               takes the next of `images`, and `<image>` in string content does the same
+               (LLaMA-Factory); messages naming no image at all get the row's images before the first
+               user text (TRL's prepare_multimodal_messages); a `system` column as for ShareGPT.
     TRL        {"prompt", "completion"} (TRL's prompt-completion type): both message lists
                (conversational; the completion's assistant turns are the targets, any in the prompt
                context only, as TRL's completion_only_loss) or both strings
@@ -121,6 +123,25 @@ def _chat(turns: list[tuple[str, Any]], where: str, pending: list[Any]) -> tuple
     return messages, images
 
 
+def _images_first(turns: list[tuple[str, Any]], n_images: int) -> list[tuple[str, Any]]:
+    """TRL's `prepare_multimodal_messages` for rows whose messages name no image at all (no
+    `<image>`, no image part) while the row has images: the images go before the first user turn's
+    text. Other rows are returned as they are."""
+    def names_an_image(content):
+        if isinstance(content, str):
+            return "<image>" in content
+        return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
+                                                 for p in content)
+
+    users = [k for k, (role, content) in enumerate(turns) if role == "user"]
+    if not n_images or not users or any(names_an_image(c) for _, c in turns) \
+            or not isinstance(turns[users[0]][1], (str, list)):
+        return turns
+    k, content = users[0], turns[users[0]][1]
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    return turns[:k] + [("user", [{"type": "image"}] * n_images + text)] + turns[k + 1:]
+
+
 def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str) -> Conversation:
     """Any supported row format → a Conversation (DataError naming the row and problem otherwise)."""
     if isinstance(row, DataError):
@@ -146,8 +167,10 @@ def normalise(row: Any, where: str, system_prompt: str, caption_instruction: str
         turns = row["messages"]
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        messages, images = _chat([(ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in turns],
-                                 where, pending)
+        pairs = [(ROLES.get(t.get("role"), t.get("role")), t.get("content")) for t in turns]
+        if isinstance(row.get("system"), str) and row["system"] and not (pairs and pairs[0][0] == "system"):
+            pairs.insert(0, ("system", row["system"]))
+        messages, images = _chat(_images_first(pairs, len(pending)), where, pending)
     elif "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):

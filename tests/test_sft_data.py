@@ -130,6 +130,20 @@ def test_multi_turn_multi_image_loss_only_on_assistant_spans(processor, demo_dat
     assert seq.loss_weights[-1] == 1.0 and len(seq.loss_weights) == len(seq.response_ids)
 
 
+def test_messages_without_image_markers_take_the_images_first_as_trl(processor, demo_data):
+    """TRL's prepare_multimodal_messages: string content and an `images` column give the images before
+    the first user text; LLaMA-Factory's `system` column applies to `messages` rows too."""
+    plain = {"messages": [{"role": "user", "content": "Stain?"}, {"role": "assistant", "content": "IHC"}],
+             "images": [IMAGE], "system": "Be brief."}
+    marked = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Stain?"}]},
+                           {"role": "assistant", "content": "IHC"}], "images": [IMAGE]}
+    builder = ExampleBuilder(processor, demo_data, {}, 4096)
+    a, b = (builder.build(normalise(row, "m", "", "")) for row in (plain, marked))
+    assert a.input_ids == b.input_ids and a.weights == b.weights
+    assert torch.equal(a.pixel_values, b.pixel_values)
+
+
 def test_prompt_completion_trains_the_completion_only(processor, demo_data):
     """TRL's completion_only_loss: an assistant turn inside `prompt` is context, never a target."""
     row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Stain?"}]},
