@@ -145,8 +145,21 @@ MUST_MATCH = ("model.path", "model.dtype", "data.train", "data.shuffle", "data.s
               "data.max_prompt_tokens", "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature",
               "learner.num_ranks", "learner.deepspeed_config", "algorithm.dynamic_sampling",
               "algorithm.filter_metric", "trainer.seed", "model.reference_path",
-              # the engine state holds adapters of this shape on these layers
-              "model.lora.rank", "model.lora.alpha", "model.lora.target_modules", "model.lora.train_vision")
+              # the engine state holds adapters of this shape on these layers (compared as in
+              # `_lora_in_effect`: what the settings mean, not how they are written)
+              "model.lora")
+
+
+def _lora_in_effect(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A `to_dict(cfg)` tree's LoRA as the engine state holds it: None without adapters (rank 0 or
+    null, whatever the other fields), else rank, α (null: 2·rank), the targets as a set, and
+    train_vision; dropout changes nothing saved. Older checkpoints lack the section: no LoRA."""
+    lora = (config.get("model") or {}).get("lora") or {}
+    if not lora.get("rank"):
+        return None
+    return {"rank": lora["rank"], "alpha": lora["alpha"] if lora.get("alpha") is not None else 2.0 * lora["rank"],
+            "target_modules": sorted(set(lora.get("target_modules") or [])),
+            "train_vision": bool(lora.get("train_vision"))}
 
 
 def compare(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -159,6 +172,10 @@ def compare(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], 
         return out
 
     a, b = flat(saved), flat(current)
+    for tree, flat_tree in ((saved, a), (current, b)):
+        for k in [k for k in flat_tree if k.startswith("model.lora.")]:
+            del flat_tree[k]
+        flat_tree["model.lora"] = _lora_in_effect(tree)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                      and k not in ("trainer.run_name", "trainer.output_dir", "trainer.resume"))
     blocking = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in changed if k in MUST_MATCH]
@@ -246,7 +263,8 @@ def check_continuation(path: str, config: dict[str, Any], uses_reference: bool, 
     run folder's ledger; CheckpointError naming the fields or the file otherwise."""
     state = load_state(path)
     blocking, safe = compare(state["config"], config)
-    if uses_reference and not state["uses_reference"]:
+    # A LoRA policy's reference is its own base weights (adapters off), always in the engine state.
+    if uses_reference and not state["uses_reference"] and _lora_in_effect(config) is None:
         blocking.append("a KL term is now on, but the checkpoint's run kept no reference model")
     if blocking:
         raise CheckpointError(f"{path} cannot continue with this config:\n  " + "\n  ".join(blocking))

@@ -61,9 +61,16 @@ def target_layers(model: torch.nn.Module, lora: dict[str, Any]) -> tuple[list[st
     eligible = eligible_layers(model, lora["train_vision"])
     selected = [n for n in eligible if any(_matches(n, t) for t in lora["target_modules"])]
     unmatched = [t for t in lora["target_modules"] if not any(_matches(n, t) for n in eligible)]
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in eligible})
+    if not unmatched and lora["train_vision"]:
+        vision = _tower_prefixes(model, True)[1]
+        if not any(n.startswith(vision) for n in selected):
+            tower = sorted({n.rsplit(".", 1)[-1] for n in eligible if n.startswith(vision)})
+            return selected, [f"model.lora.train_vision is true but model.lora.target_modules {lora['target_modules']} "
+                              f"select no layer of the vision tower of {type(model).__name__}; its linear layers "
+                              f"are named {tower}"]
     if not unmatched:
         return selected, []
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in eligible})
     where = "language model and vision tower" if lora["train_vision"] else "language model (model.lora.train_vision=false)"
     return selected, [f"model.lora.target_modules: {unmatched} match no linear layer of the {where} of "
                       f"{type(model).__name__}; a name matches a layer's full name or its last dotted parts. "

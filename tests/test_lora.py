@@ -46,6 +46,10 @@ def test_target_modules_that_match_nothing_stop_the_run(tiny_model, demo_data):
     vision = ["model.lora.target_modules=[qkv]"]
     assert "model.lora.train_vision=false" in lora_problems(_cfg(tiny_model, demo_data, *vision))[0]
     assert lora_problems(_cfg(tiny_model, demo_data, *vision, "model.lora.train_vision=true")) == []
+    # train_vision with targets only the language model has would adapt no vision layer: refused.
+    language_only = ["model.lora.target_modules=[q_proj,o_proj]", "model.lora.train_vision=true"]
+    problem = lora_problems(_cfg(tiny_model, demo_data, *language_only))[0]
+    assert "select no layer of the vision tower" in problem and "'qkv'" in problem
 
 
 def test_pathreasoner_presets_train_lora_adapters():

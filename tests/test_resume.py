@@ -218,6 +218,22 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"model\.path: checkpoint 'artifacts/tiny-qwen2\.5-vl', "
                                                           r"now '/models/other'(.|\n)*rollout\.group_size"):
         checkpoint.check_continuation(path, other, True, str(run))
+    # LoRA compares by what the settings mean: off is off (rank 0 or null, other fields aside),
+    # α null is 2·rank, targets are a set; a real change of the adapters is refused.
+    off = ["model.lora.rank=null", "model.lora.target_modules=[q_proj]"]
+    assert checkpoint.check_continuation(path, to_dict(load_config("launch/configs/demo.yaml", off)), True,
+                                         str(run))["step"] == 2
+    lora = ["model.lora.rank=4", "model.lora.target_modules=[q_proj,v_proj]"]
+    tmp = checkpoint.begin(str(run), 4)
+    lora_path = checkpoint.commit(tmp, {"step": 2, "config": to_dict(load_config("launch/configs/demo.yaml", lora)),
+                                        "uses_reference": False, "ledger_lines": 2})
+    same = ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.target_modules=[v_proj,q_proj]", "model.lora.dropout=0.1",
+            "algorithm.kl_loss_coef=0.01"]  # KL on: a LoRA policy's reference is its adapters-off base
+    assert checkpoint.check_continuation(lora_path, to_dict(load_config("launch/configs/demo.yaml", same)), True,
+                                         str(run))["step"] == 2
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.lora: checkpoint \{'rank': 4"):
+        checkpoint.check_continuation(lora_path, to_dict(load_config("launch/configs/demo.yaml", lora[:1])), True,
+                                      str(run))
     (run / "ledger.jsonl").write_text('{"step": 1, "uid": "r1", "epoch": 0, "status": "trained"}\n')
     with pytest.raises(checkpoint.CheckpointError, match=r"ledger\.jsonl holds 1 lines up to step 2, the checkpoint "
                                                           r".* recorded 2"):
