@@ -226,15 +226,58 @@ def archive_previous_run(run_dir: str) -> str | None:
     and its summary mixes two runs; moving rather than deleting keeps the earlier run's record."""
     names = [n for n in (METRICS, LEDGER, "rollouts", "checkpoints", "config.yaml", "hf")
              if os.path.exists(os.path.join(run_dir, n))]
-    if METRICS not in names:
+    if not names:  # any of them: a run that crashed before its first metrics row left a ledger
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(os.path.join(run_dir, METRICS))))
-    dest = os.path.join(run_dir, f"previous-{stamp}")
-    os.makedirs(dest)
+    newest = max(os.path.getmtime(os.path.join(run_dir, n)) for n in names)
+    dest = _fresh_folder(run_dir, f"previous-{time.strftime('%Y%m%d-%H%M%S', time.localtime(newest))}")
     for name in names:
         os.replace(os.path.join(run_dir, name), os.path.join(dest, name))
     log.warning("run folder %s held an earlier run: moved its %s to %s", run_dir, ", ".join(names), dest)
     return dest
+
+
+def _fresh_folder(parent: str, name: str) -> str:
+    """parent/name, or parent/name-2, -3, … when taken; created."""
+    dest, k = os.path.join(parent, name), 1
+    while os.path.exists(dest):
+        k += 1
+        dest = os.path.join(parent, f"{name}-{k}")
+    os.makedirs(dest)
+    return dest
+
+
+def set_aside_later_checkpoints(run_dir: str, step: int) -> str | None:
+    """A run resumed from step `step` while it holds checkpoints of later steps (a rewind, by path):
+    moves those, with copies of metrics.jsonl and ledger.jsonl as they were, into
+    `run_dir/abandoned-<time>/`, so no later `trainer.resume=auto` can pick a checkpoint of the
+    abandoned steps, and nothing of them is lost. Returns that folder, or None."""
+    folder = os.path.join(run_dir, "checkpoints")
+    later = [n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := _NAME.match(n.removesuffix(".tmp"))) and int(m.group(1)) > step]
+    if not later:
+        return None
+    dest = _fresh_folder(run_dir, f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.join(dest, "checkpoints"))
+    for name in later:
+        os.replace(os.path.join(folder, name), os.path.join(dest, "checkpoints", name))
+    for name in (METRICS, LEDGER):
+        if os.path.exists(os.path.join(run_dir, name)):
+            shutil.copy2(os.path.join(run_dir, name), os.path.join(dest, name))
+    log.warning("resuming %s at step %d: its checkpoints of later steps (%s) and its records as they were are "
+                "set aside in %s", run_dir, step, ", ".join(sorted(later)), dest)
+    return dest
+
+
+def export_final(run_dir: str, step: int) -> str:
+    """The final model at `run_dir/hf`: a copy of step `step`'s checkpoint's hf folder (the same
+    weights, no second gather), written under a temporary name and renamed, so a crash leaves the
+    whole export or none; the model is in the checkpoint either way."""
+    final, tmp = os.path.join(run_dir, "hf"), os.path.join(run_dir, "hf.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(path_for(run_dir, step), "hf"), tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
 
 
 def truncate_jsonl(path: str, step: int, stage: str = "rl") -> int:
@@ -293,6 +336,7 @@ def open_run(run_dir: str, config: dict[str, Any], resume: str, steps: int, uses
     if state is None:
         archive_previous_run(run_dir)
     else:
+        set_aside_later_checkpoints(run_dir, state["step"])
         cut_records(run_dir, state)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)

@@ -167,8 +167,10 @@ def model_problems(path: str, name: str, policy: bool = True) -> list[str]:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         return [f"{name}: {_where(path)} is not a Hugging Face model folder (no config.json there); models "
                 "are read from local folders only, never looked up on a hub"]
+    weights = [] if any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path)) else [
+        f"{name}: {_where(path)} holds no weights (no *.safetensors or *.bin file next to config.json)"]
     if not policy:
-        return []
+        return weights
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -183,7 +185,7 @@ def model_problems(path: str, name: str, policy: bool = True) -> list[str]:
                 "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL)"]
     if getattr(config, "image_token_id", None) is None:
         return [f"{name}: {path}: config.json has no image_token_id, which the learner places image features by"]
-    return []
+    return weights
 
 
 def lora_problems(cfg: Config) -> list[str]:

@@ -156,9 +156,10 @@ class GroupSampler:
         return by_uid
 
     def score(self, results: list[GroupResult], inflight: dict[str, Prompt], out: StepRollout,
-              step: int | None = None) -> list[ScoredGroup]:
+              step: int | None = None, training: bool = True) -> list[ScoredGroup]:
         """Rewards for finished groups, stamped with the step whose weights generated them (None: the
-        step being sampled); groups whose generation failed are reported and skipped."""
+        step being sampled); groups whose generation failed are reported and skipped, and, for
+        `training` prompts, marked failed in the training stream (an evaluation row never is)."""
         groups, inputs = [], []
         for res in results:
             prompt = inflight.pop(res.uid)
@@ -170,7 +171,8 @@ class GroupSampler:
                 log.warning(msg)
                 out.generation_errors.append(msg)
                 out.failed.append((prompt, res))
-                self.stream.mark_failed(prompt.uid, msg)
+                if training:
+                    self.stream.mark_failed(prompt.uid, msg)
                 continue
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in res.samples]
             row = {k: v for k, v in prompt.row.items() if not k.startswith("_")}
@@ -311,7 +313,7 @@ class GroupSampler:
         out = StepRollout()
         inflight = self.submit(prompts, n, sampling)
         while inflight:
-            out.seen += self.score(self.pool.results(), inflight, out)
+            out.seen += self.score(self.pool.results(), inflight, out, training=False)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -219,8 +219,8 @@ class SFTStage:
               lambda: self.stream.take(self.cfg.sft.batch_size),
               validate=(lambda: validation_loss(self.learners, self.val)) if self.val else None,
               save=self._save, start=self.start, skipped=lambda: len(self.stream.skipped))
-        final = os.path.join(self.run_dir, "hf")
-        self.learners.save(final)
+        final = (checkpoint.export_final(self.run_dir, self.total) if self.total >= self.start
+                 else self.learners.save(os.path.join(self.run_dir, "hf")))
         if self.stream.skipped:
             log.warning("%d SFT rows were skipped (first: %s)", len(self.stream.skipped), self.stream.skipped[0])
         return final

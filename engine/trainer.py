@@ -251,8 +251,11 @@ class Trainer:
                      cfg.trainer.steps, record.get("reward/mean", float("nan")), _fmt(record.get("reward/accuracy")),
                      record.get("response_length/mean", float("nan")), _fmt(record.get("kl")), step_s,
                      record["throughput/tokens_per_s"], eta)
-        # The final model at a fixed place, for the next stage's model.path and launch/eval.py.
-        log.info("final model: %s", self.learners.save(os.path.join(self.run_dir, "hf")))
+        # The final model at a fixed place, for the next stage's model.path and launch/eval.py: the
+        # last step's checkpoint holds it already.
+        final = (checkpoint.export_final(self.run_dir, cfg.trainer.steps) if cfg.trainer.steps >= self.start_step
+                 else self.learners.save(os.path.join(self.run_dir, "hf")))
+        log.info("final model: %s", final)
         try:
             plot_runs([self.run_dir], os.path.join(self.run_dir, "plots"))
         except Exception as e:  # a report, never worth failing a finished run for

@@ -16,6 +16,7 @@ Ray instance (or the cluster in RAY_ADDRESS). Exit status 2 on a bad argument, p
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -96,8 +97,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if args.n < 0 or not args.temperature > 0:
-            raise ConfigError(f"--n must be >= 0 and --temperature > 0, got {args.n} and {args.temperature}")
+        if args.n < 0 or not args.temperature > 0 or args.max_rows < 0:
+            raise ConfigError(f"--n and --max-rows must be >= 0 and --temperature > 0, got {args.n}, {args.max_rows} "
+                              f"and {args.temperature}")
         cfg = load_config(args.config, args.overrides)
         if args.rewards:
             cfg.reward.functions = [_reward(spec) for spec in args.rewards]
@@ -105,11 +107,16 @@ def main() -> None:
             raise ConfigError(f"--correct {args.correct!r} is not a reward component "
                               f"(components: {[f.name for f in cfg.reward.functions]})")
         models = [_named(m) for m in args.model]
-        problems = [p for name, path in models for p in model_problems(path, f"--model {name}")]
+        names = [name for name, _ in models]
+        problems = [f"--model: the name {n!r} is given {names.count(n)} times (results are kept by name)"
+                    for n in sorted(set(names)) if names.count(n) > 1]
+        problems += [p for name, path in models for p in model_problems(path, f"--model {name}")]
         if problems:
             raise ConfigError("\n  ".join(problems))
         rows, _ = load_rows(args.data, cfg.data.bad_rows)
         rows = rows[: args.max_rows] if args.max_rows else rows
+        if not rows:
+            raise DataError(f"{args.data}: no row to evaluate")
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
         results = {name: evaluate_model(cfg, path, rows, args.n, args.temperature, args.correct, args.threshold)
                    for name, path in models}
@@ -119,8 +126,10 @@ def main() -> None:
     summaries = {name: summarize(rows_, args.n) for name, rows_ in results.items()}
     print(markdown_table(summaries))
     if args.json:
+        finite = {name: {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in m.items()}
+                  for name, m in summaries.items()}  # JSON has no NaN: a metric without a population is null
         with open(args.json, "w") as f:
-            json.dump(summaries, f, indent=1)
+            json.dump(finite, f, indent=1, allow_nan=False)
     if args.samples:
         with open(args.samples, "w") as f:
             for name, judged in results.items():

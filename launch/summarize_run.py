@@ -23,6 +23,9 @@ def summarize(records: list[dict], window: int = 5) -> dict:
         val = [r["sft/val_nll"] for r in sft if "sft/val_nll" in r]
         return {"sft_steps": len(sft), "sft/nll": {"first": sft[0].get("sft/nll"), "last": sft[-1].get("sft/nll")},
                 "sft/val_nll": {"first": val[0], "last": val[-1]} if val else None} if sft else {}
+    # Disjoint windows: in a run shorter than 2·window each takes half its steps (the middle one, of
+    # an odd count, in neither), so a short run's gain is not 0 by construction.
+    window = min(window, len(rl) // 2) or 1
     first, last = rl[:window], rl[-window:]
 
     def avg(rows, key):

@@ -71,3 +71,16 @@ def test_summary_by_source_and_overall():
     assert flat["eval/pass@4"] == overall["pass@4"] and flat["eval/b/maj@4"] == 1.0
     table = markdown_table({"base": s, "rl": s})
     assert table.count("| base |") == 3 and "pass@2" in table.splitlines()[0]
+
+
+def test_run_summary_windows_are_disjoint_in_short_runs():
+    """launch/summarize_run.py: the first and last windows never share a step, so a 4-step run whose
+    reward rose from 0.2 to 0.8 shows the rise (they overlapped, and its gain was 0)."""
+    from launch.summarize_run import summarize as summarize_run
+
+    rows = [{"stage": "rl", "step": s, "reward/mean": r} for s, r in enumerate((0.2, 0.4, 0.6, 0.8), 1)]
+    out = summarize_run(rows)
+    assert out["reward/mean"] == {"first": pytest.approx(0.3), "last": pytest.approx(0.7)}
+    assert out["reward_gain"] == pytest.approx(0.4)
+    long_run = [{"stage": "rl", "step": s, "reward/mean": float(s)} for s in range(1, 21)]
+    assert summarize_run(long_run)["reward_gain"] == pytest.approx(18.0 - 3.0)

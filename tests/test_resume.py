@@ -238,3 +238,41 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"ledger\.jsonl holds 1 lines up to step 2, the checkpoint "
                                                           r".* recorded 2"):
         checkpoint.check_continuation(path, changed, True, str(run))
+
+
+def test_a_rewind_sets_later_checkpoints_aside_and_a_crash_before_metrics_is_archived(tmp_path):
+    """Resuming from step 2 by path while steps 4 and 6 exist moves those (and the records as they
+    were) aside, so `auto` never picks them again and nothing is lost; a run that left only a ledger
+    (a crash before its first metrics row) is archived by the next fresh start; the final export is
+    the last checkpoint's hf folder, whole."""
+    from engine.config import load_config, to_dict
+
+    run = tmp_path / "run"
+    config = to_dict(load_config("launch/configs/demo.yaml"))
+    for step in (2, 4, 6):
+        tmp = checkpoint.begin(str(run), step)
+        os.makedirs(os.path.join(tmp, "hf"))
+        with open(os.path.join(tmp, "hf", "model.safetensors"), "w") as f:
+            f.write(f"weights of step {step}")
+        checkpoint.commit(tmp, {"step": step, "config": config, "uses_reference": True, "ledger_lines": step,
+                                "record": {"stage": "rl", "step": step}})
+    rows = "".join(json.dumps({"stage": "rl", "step": s, "uid": f"r{s}", "epoch": 0, "status": "trained"}) + "\n"
+                   for s in range(1, 7))
+    (run / "ledger.jsonl").write_text(rows)
+    (run / "metrics.jsonl").write_text(rows)
+    path, _ = checkpoint.open_run(str(run), config, checkpoint.path_for(str(run), 2), 10, True, "rl")
+    assert path == checkpoint.path_for(str(run), 2) and checkpoint.latest(str(run)) == path
+    (aside,) = run.glob("abandoned-*")
+    assert sorted(os.listdir(aside / "checkpoints")) == ["step_4", "step_6"]
+    assert (aside / "ledger.jsonl").read_text() == rows and len(_rows(run / "ledger.jsonl")) == 2
+    assert checkpoint.export_final(str(run), 2) == str(run / "hf")
+    assert (run / "hf" / "model.safetensors").read_text() == "weights of step 2" and not (run / "hf.tmp").exists()
+
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    first_line = rows.splitlines(keepends=True)[0]
+    (crashed / "ledger.jsonl").write_text(first_line)
+    (crashed / "config.yaml").write_text("x: 1\n")
+    checkpoint.open_run(str(crashed), config, "auto", 10, True, "rl")
+    (previous,) = crashed.glob("previous-*")
+    assert (previous / "ledger.jsonl").read_text() == first_line and not (crashed / "ledger.jsonl").exists()
