@@ -43,7 +43,8 @@ incomplete); 0.0 = wrong, contradictory, or unrelated. Intermediate values are a
 Reply with exactly one line: Score: <number between 0 and 1>"""
 SCORE_REGEX = r"Score: (0(\.[0-9]{1,2})?|1(\.0{1,2})?)"
 
-_NUMBER = r"(\d+(?:\.\d+)?|\.\d+)"
+# Not the head of a decimal comma ("0,8") or of an exponent ("1e-1"): those are refused, not misread.
+_NUMBER = r"(\d+(?:\.\d+)?|\.\d+)(?![,.]\d|[eE][-+]?\d)"
 _KEYED = re.compile(rf"(?i)\bscore\b\s*(?:is|of|=|:)?\s*\**\s*{_NUMBER}\s*(?:(/|out of)\s*{_NUMBER}|(%))?")
 _FRACTION = re.compile(rf"{_NUMBER}\s*(?:/|out of)\s*{_NUMBER}")
 _THINK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)

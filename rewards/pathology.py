@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 
 from rewards.api import RewardInput
@@ -48,7 +49,7 @@ def _answer_text(sample: RewardInput, tagged: bool) -> str | None:
 _DECORATION = " \t\n\r*_`\"'"
 _PREFIX = r"(?i:(?:the\s+)?(?:correct\s+|final\s+|best\s+)?(?:option|answer|choice)(?:\s+is)?\s*[:\-]?\s*)?"
 _LETTER_ONLY = re.compile(_PREFIX + r"(?:[(\[]([A-Za-z])[)\]]|([A-Za-z])[.):]?)")
-_LETTER_TEXT = re.compile(_PREFIX + r"(?:[(\[]([A-Z])[)\]]\s*[.:]?|([A-Z])[.):])\s*(\S.*)", flags=re.DOTALL)
+_LETTER_TEXT = re.compile(_PREFIX + r"(?:[(\[]([A-Za-z])[)\]]\s*[.:]?|([A-Za-z])[.):])\s*(\S.*)", flags=re.DOTALL)
 
 
 def _option_key(text: str) -> str:
@@ -59,29 +60,36 @@ def _option_key(text: str) -> str:
 def extract_choice(answer: str, options: list[str]) -> str | None:
     """The option letter an answer designates, or None when it designates none or several.
 
-    Accepted: a letter alone or decorated ("B", "b", "B)", "(B)", "[B]", "B.", "**B**"), behind
+    Accepted, in this order: the exact text of one option (case, whitespace and a final period
+    ignored; first, so an option such as "C. difficile colitis" or "I" is never read as a letter); a
+    letter alone or decorated ("B", "b", "B)", "(B)", "[B]", "B.", "**B**"), behind
     "Option"/"Answer"/"Choice"/"The correct answer is"; a letter followed by text ("B. Adenoma",
-    "(B) Adenoma"), unless the text is exactly another option's text; the exact text of one option
-    (case, whitespace and a final period ignored). With options, the letter must be one of theirs.
-    Anything else ("A, B", "A and B", "AB", free text) is None.
+    "(B) Adenoma"; a lower-case letter only when the text is its option's, so "i.e. …" is no
+    letter), unless the text is exactly another option's text. With options, the letter must be one
+    of theirs. Anything else ("A, B", "A and B", "AB", free text) is None. Full-width forms count as
+    their ASCII ones (NFKC).
     """
     valid = LETTERS[:len(options)] if options else LETTERS
-    text = answer.strip(_DECORATION).rstrip(".").strip(_DECORATION)
+    text = unicodedata.normalize("NFKC", answer).strip(_DECORATION).rstrip(".").strip(_DECORATION)
     keys = [_option_key(o) for o in options]
+    hits = [LETTERS[k] for k, key in enumerate(keys) if key == _option_key(text)]
+    if len(hits) == 1:
+        return hits[0]
     match = _LETTER_ONLY.fullmatch(text)
     if match:
         letter = (match.group(1) or match.group(2)).upper()
         return letter if letter in valid else None
     match = _LETTER_TEXT.fullmatch(text)
     if match:
-        letter = (match.group(1) or match.group(2)).upper()
+        raw = match.group(1) or match.group(2)
+        letter, said = raw.upper(), _option_key(match.group(3))
         if letter not in valid:
             return None
-        said = _option_key(match.group(3))
+        if raw.islower() and not (options and keys[LETTERS.index(letter)] == said):
+            return None  # "b. carcinoma" only when it is option B's text: "i.e. …" is no letter
         contradicts = any(key == said and LETTERS[k] != letter for k, key in enumerate(keys))
         return None if contradicts else letter
-    hits = [LETTERS[k] for k, key in enumerate(keys) if key == _option_key(text)]
-    return hits[0] if len(hits) == 1 else None
+    return None
 
 
 def ground_truth_letter(sample: RewardInput) -> str:

@@ -72,6 +72,20 @@ def test_mc_accuracy(response, expected):
     assert mc_accuracy(mc(response)) == expected
 
 
+@pytest.mark.parametrize("options, answer, letter", [
+    # option texts that begin like a letter: the exact text wins, never the leading capital
+    (["C. difficile colitis", "H. pylori gastritis", "Crohn disease"], "C. difficile colitis", "A"),
+    (["C. difficile colitis", "H. pylori gastritis", "Crohn disease"], "h. pylori gastritis.", "B"),
+    (["C. difficile colitis", "H. pylori gastritis", "Crohn disease"], "C", "C"),
+    (["I", "II", "III", "IV"], "I", "A"), (["I", "II", "III", "IV"], "IV", "D"), (["I", "II", "III", "IV"], "B", "B"),
+    # a lower-case letter with text counts only when the text is that option's
+    (OPTIONS, "b. invasive adenocarcinoma", "B"), (OPTIONS, "b. carcinoma", None), (OPTIONS, "i.e. adenoma", None),
+    (OPTIONS, "Ｂ", "B"), (OPTIONS, "（B）", "B"),  # full-width forms (NFKC)
+])
+def test_extract_choice_option_texts_first(options, answer, letter):
+    assert extract_choice(answer, options) == letter
+
+
 def test_ground_truth_may_be_option_text_and_must_be_valid():
     assert mc_accuracy(mc("<answer>B</answer>", answer="Invasive adenocarcinoma")) == 1.0
     with pytest.raises(ValueError, match="neither an option letter"):
@@ -185,6 +199,8 @@ def test_entity_dice_reads_observe_and_think_only():
 def test_judge_score_parsing():
     cases = {"Score: 0.8": 0.8, "score = 4/5": 0.8, "Score: 80%": 0.8, "**Score**: 1": 1.0,
              "It is right, 4 out of 5": 0.8, "0.3": 0.3, "<think>Score: 0.1</think>Score: 0.9": 0.9,
-             "Score: 0.5, final score: 1.0": 1.0, "Score: 7": None, "7": None, "no idea": None, "Score: 2/0": None}
+             "Score: 0.5, final score: 1.0": 1.0, "Score: 7": None, "7": None, "no idea": None, "Score: 2/0": None,
+             "Score: 1, as the diagnoses agree": 1.0,
+             "Score: 0,8": None, "Score: 1e-1": None}  # a decimal comma, an exponent: refused, not read as 0 or 1
     assert {text: parse_judge_score(text) for text in cases} == pytest.approx(cases)
     assert reference_answer(mc("x")) == "B. Invasive adenocarcinoma"
