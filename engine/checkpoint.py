@@ -38,6 +38,7 @@ MARKER = "COMPLETE.json"
 STATE = "trainer.pt"
 METRICS, LEDGER = "metrics.jsonl", "ledger.jsonl"
 _NAME = re.compile(r"^step_(\d+)$")
+_ROLLOUT_LOG = re.compile(r"^step_(\d+)\.msgpack$")  # rollout/records.py's RolloutLog
 
 
 class CheckpointError(ValueError):
@@ -246,25 +247,28 @@ def _fresh_folder(parent: str, name: str) -> str:
     return dest
 
 
-def set_aside_later_checkpoints(run_dir: str, step: int) -> str | None:
-    """A run resumed from step `step` while it holds checkpoints of later steps (a rewind, by path):
-    moves those, with copies of metrics.jsonl and ledger.jsonl as they were, into
-    `run_dir/abandoned-<time>/`, so no later `trainer.resume=auto` can pick a checkpoint of the
-    abandoned steps, and nothing of them is lost. Returns that folder, or None."""
-    folder = os.path.join(run_dir, "checkpoints")
-    later = [n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
-             if (m := _NAME.match(n.removesuffix(".tmp"))) and int(m.group(1)) > step]
+def set_aside_later_steps(run_dir: str, step: int) -> str | None:
+    """A run resumed from step `step` that holds checkpoints or rollout logs of later steps (the
+    attempt that crashed, or steps a rewind by path abandons): moves those, with copies of
+    metrics.jsonl and ledger.jsonl as they were, into `run_dir/abandoned-<time>/` (checkpoints/,
+    rollouts/), so no `trainer.resume=auto` picks such a checkpoint, the rollout logs hold one
+    attempt per step, and nothing is lost. Returns that folder, or None."""
+    later = []
+    for sub, pattern in (("checkpoints", _NAME), ("rollouts", _ROLLOUT_LOG)):
+        folder = os.path.join(run_dir, sub)
+        later += [(sub, n) for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                  if (m := pattern.match(n.removesuffix(".tmp"))) and int(m.group(1)) > step]
     if not later:
         return None
     dest = _fresh_folder(run_dir, f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(os.path.join(dest, "checkpoints"))
-    for name in later:
-        os.replace(os.path.join(folder, name), os.path.join(dest, "checkpoints", name))
+    for sub, name in later:
+        os.makedirs(os.path.join(dest, sub), exist_ok=True)
+        os.replace(os.path.join(run_dir, sub, name), os.path.join(dest, sub, name))
     for name in (METRICS, LEDGER):
         if os.path.exists(os.path.join(run_dir, name)):
             shutil.copy2(os.path.join(run_dir, name), os.path.join(dest, name))
-    log.warning("resuming %s at step %d: its checkpoints of later steps (%s) and its records as they were are "
-                "set aside in %s", run_dir, step, ", ".join(sorted(later)), dest)
+    log.warning("resuming %s at step %d: what later steps left (%s) and the records as they were are set aside "
+                "in %s", run_dir, step, ", ".join(f"{sub}/{name}" for sub, name in sorted(later)), dest)
     return dest
 
 
@@ -336,7 +340,7 @@ def open_run(run_dir: str, config: dict[str, Any], resume: str, steps: int, uses
     if state is None:
         archive_previous_run(run_dir)
     else:
-        set_aside_later_checkpoints(run_dir, state["step"])
+        set_aside_later_steps(run_dir, state["step"])
         cut_records(run_dir, state)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)

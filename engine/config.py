@@ -114,7 +114,8 @@ class RolloutConfig:
     prompts_per_step: int = 8
     """Prompt groups trained on per step (after dynamic-sampling filtering)."""
     temperature: float = 1.0
-    """Sampling temperature; the learner divides its logits by the same value."""
+    """Sampling temperature, in [0.01, 2] (vLLM's range); the learner divides its logits by the same
+    value."""
     top_p: float = 1.0
     """Nucleus sampling mass. Only 1.0 is accepted: vLLM samples (and reports log-probs) from the
     truncated distribution while the learner's log-probs use the full softmax, so top_p < 1 would
@@ -380,7 +381,7 @@ class TrainerConfig:
     """Sampled responses per validation row besides the greedy one (mean@n, pass@k, maj@n;
     engine/evaluate.py); 0: greedy only."""
     eval_temperature: float = 1.0
-    """Sampling temperature of the eval_n responses."""
+    """Sampling temperature of the eval_n responses, in [0.01, 2]."""
     eval_correct: str = "accuracy"
     """Reward component that judges a response correct (score >= eval_correct_threshold)."""
     eval_correct_threshold: float = 1.0
@@ -590,6 +591,12 @@ def _range_problems(cfg: Config) -> list[str]:
     }
     problems += [f"{name} must be a finite number > 0, got {value}" for name, value in positive.items()
                  if not (math.isfinite(value) and value > 0)]
+    # vLLM raises a temperature below 0.01 to 0.01 without a word (the learner would divide by the
+    # configured one: every ratio biased) and refuses one above 2.
+    for name, value in (("rollout.temperature", cfg.rollout.temperature),
+                        ("trainer.eval_temperature", cfg.trainer.eval_temperature)):
+        if value > 0 and not 0.01 <= value <= 2.0:
+            problems.append(f"{name} must be in [0.01, 2] (what vLLM samples at), got {value}")
     for name, ratio in (("learner.min_lr_ratio", cfg.learner.min_lr_ratio), ("sft.min_lr_ratio", cfg.sft.min_lr_ratio)):
         if not 0 <= ratio <= 1:
             problems.append(f"{name} must be in [0, 1], got {ratio}")

@@ -368,7 +368,16 @@ class Learner:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+            # One copy per tensor: tied weights (embedding and LM head) stay one tensor, so exports
+            # write the head once, as transformers does, and vLLM sees the model as tied.
+            copies: dict[tuple, torch.Tensor] = {}
+            state = {}
+            for k, v in module.state_dict().items():
+                key = (v.data_ptr(), tuple(v.shape), v.dtype) if v.numel() else (k,)
+                if key not in copies:
+                    copies[key] = v.detach().clone()
+                state[k] = copies[key]
+            return state
 
     def gather_weights(self) -> None:
         """Every rank, before a weight sync: under ZeRO-3 rank 0 keeps the gathered weights for the
@@ -384,7 +393,10 @@ class Learner:
         if self.zero3 and self._gathered is None:
             raise RuntimeError("ZeRO-3: gather_weights() must run on every learner rank before a weight export")
         state = self._gathered if self.zero3 else self.engine.module.state_dict()
-        skip = {"lm_head.weight"} if getattr(self.policy.config, "tie_word_embeddings", False) else set()
+        head, embedding = self.policy.get_output_embeddings(), self.policy.get_input_embeddings()
+        # Tied by identity, not by the config flag, which says tied even where transformers left the
+        # folder's two different tensors untied: then the head is sent like any layer.
+        skip = {"lm_head.weight"} if head is not None and head.weight is embedding.weight else set()
         if self.lora:
             return lora.MergedWeights(state, self.lora_scale, skip)
         return {name: t.detach() for name, t in state.items() if name not in skip}

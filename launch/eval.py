@@ -97,9 +97,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if args.n < 0 or not args.temperature > 0 or args.max_rows < 0:
-            raise ConfigError(f"--n and --max-rows must be >= 0 and --temperature > 0, got {args.n}, {args.max_rows} "
-                              f"and {args.temperature}")
+        if args.n < 0 or not 0.01 <= args.temperature <= 2 or args.max_rows < 0:
+            raise ConfigError(f"--n and --max-rows must be >= 0 and --temperature in [0.01, 2] (vLLM's range), got "
+                              f"{args.n}, {args.max_rows} and {args.temperature}")
         cfg = load_config(args.config, args.overrides)
         if args.rewards:
             cfg.reward.functions = [_reward(spec) for spec in args.rewards]

@@ -205,8 +205,13 @@ class RolloutWorker:
                                   finish_reason=str(c.finish_reason)))
             self._tokens_generated += len(c.token_ids)
         started = self._submitted.pop(out.request_id, time.perf_counter())
+        # vLLM also ends requests with "abort", "error" (possibly after partial tokens) or
+        # "repetition": such a sample is no complete response to reward and train on.
+        odd = sorted({s.finish_reason for s in samples} - {"stop", "length"})
+        error = f"vLLM ended samples with finish_reason {odd} (only 'stop' and 'length' are complete)" if odd else None
         self._done.put(GroupResult(uid=out.request_id, worker=self.index,
-                                   prompt_token_ids=list(out.prompt_token_ids or []), samples=samples,
+                                   prompt_token_ids=list(out.prompt_token_ids or []),
+                                   samples=[] if error else samples, error=error,
                                    latency_s=time.perf_counter() - started))
 
     def _load_weights(self, weights: Any) -> float:
@@ -246,15 +251,16 @@ def _repack_tied_lm_head(worker: Any) -> None:
     """vLLM's CPU backend packs each linear layer's weight for its GEMM. A reload repacks the layers
     it loads, but a tied LM head is never loaded (its checkpoint name is skipped) and keeps the
     packing of the old embedding: logits would come from stale weights. Repack it from the (shared,
-    updated) embedding."""
+    updated) embedding. Tied is decided by the head sharing the embedding's weight, not by the
+    config flag: a folder holding both tensors makes vLLM clear the flag and tie them anyway."""
     from vllm.platforms import current_platform
 
-    model = worker.model_runner.get_model()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if not current_platform.is_cpu() or not getattr(config, "tie_word_embeddings", False):
+    if not current_platform.is_cpu():
         return
+    model = worker.model_runner.get_model()
+    embeddings = {m.weight.data_ptr() for m in model.modules() if type(m).__name__ == "VocabParallelEmbedding"}
     for module in model.modules():
-        if type(module).__name__ == "ParallelLMHead":
+        if type(module).__name__ == "ParallelLMHead" and module.weight.data_ptr() in embeddings:
             module.quant_method.process_weights_after_loading(module)
 
 

@@ -60,6 +60,8 @@ def test_bad_keys_and_types_name_the_field(override, message):
     (["algorithm.tis_cap=.inf", "algorithm.kl_loss_coef=.nan", "learner.betas=[0.9, .nan]"],
      ["algorithm.tis_cap must be a finite", "algorithm.kl_loss_coef must be a finite", "learner.betas[1]"]),
     (["algorithm.overlong_factor=-1.0"], ["algorithm.overlong_factor"]),
+    (["rollout.temperature=0.005", "trainer.eval_temperature=3"], ["rollout.temperature must be in [0.01, 2]",
+                                                                   "trainer.eval_temperature must be in [0.01, 2]"]),
 ])
 def test_impossible_combinations_fail_at_start(overrides, fields):
     with pytest.raises(ConfigError) as err:

@@ -134,6 +134,12 @@ def test_crash_and_resume_matches_the_uninterrupted_run(tmp_path, tiny_model, de
             assert b[step][key] == a[step][key], (step, key)
         for key in ("loss", "kl", "grad_norm", "entropy"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # The rollout logs hold one attempt per step: the killed attempt's step-5 records are set aside.
+    from rollout.records import read
+
+    def uids(run):
+        return sorted((r["step"], r["row_id"]) for r in read(str(run / "rollouts")))
+    assert uids(resumed) == uids(whole)
     wa = load_file(str(whole / "checkpoints" / "step_6" / "hf" / "model.safetensors"))
     wb = load_file(str(resumed / "checkpoints" / "step_6" / "hf" / "model.safetensors"))
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
@@ -241,8 +247,8 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused(tmp_path):
 
 
 def test_a_rewind_sets_later_checkpoints_aside_and_a_crash_before_metrics_is_archived(tmp_path):
-    """Resuming from step 2 by path while steps 4 and 6 exist moves those (and the records as they
-    were) aside, so `auto` never picks them again and nothing is lost; a run that left only a ledger
+    """Resuming from step 2 by path while steps 4 and 6 exist moves those, the rollout logs of steps
+    3-6 and copies of the records as they were aside, so `auto` never picks them again and nothing is lost; a run that left only a ledger
     (a crash before its first metrics row) is archived by the next fresh start; the final export is
     the last checkpoint's hf folder, whole."""
     from engine.config import load_config, to_dict
@@ -260,10 +266,15 @@ def test_a_rewind_sets_later_checkpoints_aside_and_a_crash_before_metrics_is_arc
                    for s in range(1, 7))
     (run / "ledger.jsonl").write_text(rows)
     (run / "metrics.jsonl").write_text(rows)
+    (run / "rollouts").mkdir()
+    for step in range(1, 7):
+        (run / "rollouts" / f"step_{step:06d}.msgpack").write_bytes(b"records")
     path, _ = checkpoint.open_run(str(run), config, checkpoint.path_for(str(run), 2), 10, True, "rl")
     assert path == checkpoint.path_for(str(run), 2) and checkpoint.latest(str(run)) == path
     (aside,) = run.glob("abandoned-*")
     assert sorted(os.listdir(aside / "checkpoints")) == ["step_4", "step_6"]
+    assert sorted(os.listdir(run / "rollouts")) == ["step_000001.msgpack", "step_000002.msgpack"]
+    assert len(os.listdir(aside / "rollouts")) == 4
     assert (aside / "ledger.jsonl").read_text() == rows and len(_rows(run / "ledger.jsonl")) == 2
     assert checkpoint.export_final(str(run), 2) == str(run / "hf")
     assert (run / "hf" / "model.safetensors").read_text() == "weights of step 2" and not (run / "hf.tmp").exists()
