@@ -224,8 +224,8 @@ class AlgorithmConfig:
     (Dr.GRPO). The default is the GRPO paper's sample-level mean; verl's actor and TRL default to
     the token mean ("token_mean")."""
     kl_estimator: str = "k3"
-    """KL estimator to the reference model: "k1", "k2" or "k3" (verl's low_var_kl), used by both KL
-    terms (verl has two settings: kl_loss_type, default low_var_kl, for the loss, and kl_penalty,
+    """KL estimator to the reference model: "k1", "k2", "k3" (verl's low_var_kl, clamped) or
+    "k3_unclamped" (TRL's k3; kernels/reference.py), used by both KL terms (verl has two settings: kl_loss_type, default low_var_kl, for the loss, and kl_penalty,
     default "kl" = k1, for the reward; set "k1" here to match the latter)."""
     kl_loss_coef: float = 0.0
     """β of the KL term added to the loss (GRPO); 0 disables it."""

@@ -13,11 +13,14 @@ From hidden states the logits are hidden · weightᵀ (+ bias), and the chain ru
     ∂hidden = ∂logits · weight,   ∂weight = ∂logitsᵀ · hidden,   ∂bias = Σ_n ∂logits.
 KL to a reference policy, Δ = logp − ref_logp (Schulman's estimators of KL(π‖π_ref)):
     k1 = Δ,   k2 = Δ²/2,   k3 = exp(−Δ) + Δ − 1
-k3 is verl's `low_var_kl` (verl/trainer/ppo/core_algos.py, `kl_penalty`) to the letter: Δ is clamped to
-[−20, 20] (`K3_DELTA_CLAMP`) before both terms and the estimate to [−10, 10] (`K3_VALUE_CLAMP`), so
-a token the policy has pushed far from the reference gives a bounded value and zero gradient
-rather than exp(−Δ) = inf (or, with only the exponent clamped, a gradient of the wrong sign).
-Inside the clamps (k3 ≤ 10, i.e. −2.4 ≲ Δ ≲ 11) it equals TRL's unclamped k3.
+k3 is verl's `low_var_kl` (verl/trainer/ppo/core_algos.py, `kl_penalty`, which also answers to "k3")
+to the letter: Δ is clamped to [−20, 20] (`K3_DELTA_CLAMP`) before both terms and the estimate to
+[−10, 10] (`K3_VALUE_CLAMP`), so a token the policy has pushed far from the reference gives a bounded
+value and zero gradient rather than exp(−Δ) = inf (or, with only the exponent clamped, a gradient of
+the wrong sign). "k3_unclamped" is TRL's k3 (trl/trainer/grpo_trainer.py, no clamp) with only Δ
+clamped to [−20, 20], for finite values: it keeps pulling a token far below the reference back
+(gradient 1 − exp(−Δ)) where k3's value clamp gives up (zero gradient once k3 > 10, Δ ≲ −2.4). The
+two agree while k3 ≤ 10.
 Rows whose target is `ignore_index` give 0 for all three outputs and receive zero gradient.
 
 Memory: [N, V] fp32 intermediates never exist. The autograd Functions below walk the unmasked
@@ -36,13 +39,14 @@ CHUNK_BYTES = 64 << 20
 KL_ESTIMATORS = {
     "k1": lambda delta: delta,
     "k2": lambda delta: 0.5 * delta.square(),
-    "k3": lambda delta: _k3(delta),
+    "k3": lambda delta: _k3_unclamped(delta).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP),
+    "k3_unclamped": lambda delta: _k3_unclamped(delta),
 }
 
 
-def _k3(delta):
+def _k3_unclamped(delta):
     d = delta.clamp(-K3_DELTA_CLAMP, K3_DELTA_CLAMP)
-    return (torch.exp(-d) + d - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
+    return torch.exp(-d) + d - 1.0
 
 
 def kl_to_reference(logprobs, ref_logprobs, kl, valid):

@@ -17,7 +17,8 @@ Implementations: eager (hidden @ Wᵀ, fp32 log_softmax, gather), compile (the s
 torch.compile), liger_linear (LigerFusedLinearGRPOLoss on hidden states), liger_logits (Liger's
 Triton GRPO loss on materialised logits), ours (kernels.logprobs_from_hidden) and ours_logits
 (materialised logits + kernels.logprobs_from_logits), ours_reference (kernels.logprobs_from_hidden
-with backend="torch", the readable chunked reference). Liger rows are skipped, with the reason in
+with backend="torch", the readable chunked reference), ours_recompute (the tiled path with its
+logits cache off: the backward recomputes every tile). Liger rows are skipped, with the reason in
 the table, when liger_kernel cannot be imported or its API differs. On CPU "ours" runs the
 vocabulary-tiled torch path (backend="auto"), times are wall-clock and memory is not measured;
 `--models demo` is the demo model's LM head (H = 128), the CPU learner's case:
@@ -39,12 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
+from kernels import logprob_tiled  # noqa: E402
 
 MODELS = {"3b": (2048, 151_936), "7b": (3584, 152_064), "demo": (128, 151_936)}
 TINY_MODELS = {"3b": (64, 1_000), "7b": (96, 1_031), "demo": (16, 1_000)}
 DEFAULT_TOKENS = [4096, 8192, 16384, 32768, 65536]
 TINY_TOKENS = [256, 512]
-IMPLS = ["eager", "compile", "liger_linear", "liger_logits", "ours", "ours_logits", "ours_reference"]
+IMPLS = ["eager", "compile", "liger_linear", "liger_logits", "ours", "ours_logits", "ours_reference", "ours_recompute"]
 SEQUENCE_LENGTH = 1024  # tokens per sequence, for the implementations that take [B, L] batches
 BETA = 0.04  # KL weight in the loss
 TEMPERATURE = 1.0
@@ -78,12 +80,17 @@ def make_step(impl, device):
         torch._dynamo.reset()  # one compilation per shape, never the recompile limit's eager fallback
         compiled = torch.compile(eager_logprobs, dynamic=False)
         return lambda h, w, t, ref, adv: grpo_loss(*compiled(h, w, t, ref), adv)
-    if impl in ("ours", "ours_reference"):
-        backend = "auto" if impl == "ours" else "torch"
+    if impl in ("ours", "ours_reference", "ours_recompute"):
+        backend = {"ours": "auto", "ours_reference": "torch", "ours_recompute": "tiled"}[impl]
 
         def ours(h, w, t, ref, adv):
-            logp, _, kl = kernels.logprobs_from_hidden(h, w, t, temperature=TEMPERATURE, ref_logprobs=ref,
-                                                       backend=backend)
+            kept = logprob_tiled.CACHE_BYTES
+            logprob_tiled.CACHE_BYTES = 0 if impl == "ours_recompute" else kept  # read by the forward only
+            try:
+                logp, _, kl = kernels.logprobs_from_hidden(h, w, t, temperature=TEMPERATURE, ref_logprobs=ref,
+                                                           backend=backend)
+            finally:
+                logprob_tiled.CACHE_BYTES = kept
             return grpo_loss(logp, kl, adv)
         return ours
     if impl == "ours_logits":

@@ -123,7 +123,8 @@ def unsupported(cfg) -> list[str]:
     """The settings of `cfg` that GRPOTrainer cannot reproduce."""
     a, lc = cfg.algorithm, cfg.learner
     checks = [
-        (a.kl_loss_coef > 0 and a.kl_estimator != "k3", f"algorithm.kl_estimator={a.kl_estimator!r} (TRL: k3 only)"),
+        (a.kl_loss_coef > 0 and a.kl_estimator not in ("k3", "k3_unclamped"),
+         f"algorithm.kl_estimator={a.kl_estimator!r} (TRL: k3 only; ours k3_unclamped is TRL's, k3 clamps at 10)"),
         (a.kl_reward_coef > 0, "algorithm.kl_reward_coef > 0 (TRL: KL in the loss only)"),
         (a.advantage not in SCALE_REWARDS, f"algorithm.advantage={a.advantage!r} (TRL: grpo or dr_grpo)"),
         (a.loss_agg not in LOSS_TYPES, f"algorithm.loss_agg={a.loss_agg!r}"),

@@ -155,7 +155,7 @@ def test_kl_estimators():
 
 @pytest.mark.parametrize("delta", [-math.inf, -50.0, -25.0, -10.0, -3.0, -2.0, 0.3, 5.0, 11.0, 12.0, 20.0, 25.0,
                                    math.inf])
-def test_k3_is_verls_low_var_kl(delta):
+def test_k3_is_verls_low_var_kl_and_k3_unclamped_trls(delta):
     """k3 value and gradient against verl's `kl_penalty(..., "low_var_kl")`, transcribed in fp64 (kl =
     clamp(ref − logp, ±20); clamp(exp(kl) − kl − 1, ±10)); the gradient of the clamped estimate by
     hand: ∂/∂logp = 1 − exp(−Δ) where neither clamp binds, else 0. Never negative, never infinite."""
@@ -167,6 +167,12 @@ def test_k3_is_verls_low_var_kl(delta):
     ours.sum().backward()
     free = abs(delta) < 20 and math.exp(-delta) + delta - 1 < 10
     assert logp.grad.item() == pytest.approx(1 - math.exp(-delta) if free else 0.0, rel=1e-12, abs=1e-12)
+    # TRL's exp(ref − logp) − (ref − logp) − 1, with Δ held to ±20 only: it keeps pulling past 10.
+    logp = torch.tensor([delta], dtype=torch.float64, requires_grad=True)
+    trl = A.kl_estimate(logp, torch.zeros(1, dtype=torch.float64), "k3_unclamped")
+    assert trl.item() == pytest.approx(math.exp(kl) - kl - 1, rel=1e-12)
+    trl.sum().backward()
+    assert logp.grad.item() == pytest.approx(1 - math.exp(-delta) if abs(delta) <= 20 else 0.0, rel=1e-12, abs=1e-12)
 
 
 def test_tis_and_overlong():
