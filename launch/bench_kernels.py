@@ -12,6 +12,8 @@ measured in the same run.
     python launch/bench_kernels.py                         # all models, T = 4k..64k, all impls
     python launch/bench_kernels.py --models 7b --tokens 16384 65536 --impls eager ours --json out.json
     python launch/bench_kernels.py --device cpu --tiny     # smoke test of the script on a CPU
+    python launch/bench_kernels.py --device cpu --models demo --tokens 576 1024 --impls ours ours_recompute \
+        --rounds 5 --warmup 1 --iters 3                  # side by side on a noisy machine: medians of rounds
 
 Implementations: eager (hidden @ Wᵀ, fp32 log_softmax, gather), compile (the same function under
 torch.compile), liger_linear (LigerFusedLinearGRPOLoss on hidden states), liger_logits (Liger's
@@ -198,6 +200,9 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny H and V, for a smoke test of this script")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="sweep every implementation this many times, interleaved, and report each one's median "
+                             "(side-by-side ratios on a noisy machine)")
     parser.add_argument("--peak-size", type=int, default=8192, help="matrix size of the matmul peak measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -210,8 +215,8 @@ def main(argv=None):
     tokens = args.tokens or (TINY_TOKENS if args.tiny else DEFAULT_TOKENS)
     if any(t <= 0 or t % sequence_length(t) for t in tokens):
         parser.error(f"--tokens: each T must be positive, and a multiple of {SEQUENCE_LENGTH} when above it")
-    if args.warmup < 1 or args.iters < 1:
-        parser.error("--warmup and --iters must be >= 1 (warm-up also absorbs torch.compile's compilation)")
+    if args.warmup < 1 or args.iters < 1 or args.rounds < 1:
+        parser.error("--warmup, --iters and --rounds must be >= 1 (warm-up also absorbs torch.compile's compilation)")
     shapes = TINY_MODELS if args.tiny else MODELS
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device)
@@ -219,7 +224,7 @@ def main(argv=None):
     peak = matmul_peak_tflops(device, dtype, 256 if args.tiny else args.peak_size, timer)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "matmul_peak_tflops": peak, "tiny": args.tiny,
-            "warmup": args.warmup, "iters": args.iters}
+            "warmup": args.warmup, "iters": args.iters, "rounds": args.rounds}
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -231,7 +236,7 @@ def main(argv=None):
     print(header)
 
     rows = []
-    for impl in args.impls:
+    for impl in [i for _ in range(args.rounds) for i in args.impls]:
         for model in args.models:
             n_hidden, n_vocab = shapes[model]
             for n_tokens in tokens:
@@ -259,6 +264,14 @@ def main(argv=None):
                 else:
                     print(f"{prefix}  {row['status']}", flush=True)
 
+    if args.rounds > 1:
+        print(f"# median of {args.rounds} interleaved rounds")
+        runs: dict[tuple, list[float]] = {}
+        for r in rows:
+            if r["status"] == "ok":
+                runs.setdefault((r["model"], r["T"], r["impl"]), []).append(r["ms"])
+        for (model, n_tokens, impl), ms in runs.items():
+            print(f"{model:>5} {n_tokens:>6} {impl:>13} {statistics.median(ms):>9.2f}  ({min(ms):.2f}-{max(ms):.2f})")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"# wrote {args.json}")
